@@ -1,0 +1,1 @@
+"""jaxkd: knowledge distillation of large language models in JAX/Flax."""

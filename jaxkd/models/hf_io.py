@@ -1,0 +1,335 @@
+"""Hugging Face folders in and out: config.json + safetensors -> sharded `Transformer`, and back.
+
+Loading builds the model abstractly (`nnx.eval_shape`, nothing allocated), then creates each parameter
+with `jax.make_array_from_callback`: every device shard is sliced straight out of the memory-mapped
+safetensors files, transposed and cast, so the model is never held whole twice in host memory. Every
+tensor name and shape is checked against the config before any weight is read; pickle files are never
+opened and remote code is never run.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from jaxkd import sharding as shd
+from jaxkd.models import llama, qwen2, stablelm
+from jaxkd.models.config import ModelConfig, UnsupportedConfigError, torch_dtype_of
+from jaxkd.models.safetensors_io import CheckpointError, SafetensorsFile, write_file
+from jaxkd.models.transformer import Transformer
+
+FAMILIES = {m.MODEL_TYPE: m for m in (qwen2, llama, stablelm)}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Checkpoint entries that carry no parameter: old rotary buffers.
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs.
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+  """ModelConfig from a config.json dict of a supported family (errors name what is unsupported)."""
+  model_type = hf.get("model_type")
+  if model_type not in FAMILIES:
+    raise UnsupportedConfigError(
+        f"config.json model_type={model_type!r} is not supported; jaxkd ports {sorted(FAMILIES)}")
+  return FAMILIES[model_type].from_hf_config(hf)
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
+  family = FAMILIES[cfg.model_type]
+  return {
+      "architectures": [family.ARCHITECTURE],
+      "model_type": cfg.model_type,
+      "vocab_size": cfg.vocab_size,
+      "tie_word_embeddings": cfg.tie_embeddings,
+      "initializer_range": cfg.initializer_range,
+      "torch_dtype": dtype,
+      **cfg.passthrough(),
+      **family.to_hf_config(cfg),
+  }
+
+
+def read_config(folder: str) -> dict:
+  path = os.path.join(folder, "config.json")
+  if not os.path.exists(path):
+    raise CheckpointError(f"{folder} has no config.json; point to a Hugging Face model folder")
+  with open(path) as f:
+    return json.load(f)
+
+
+def resolve_dtype(dtype: Any, hf: dict | None = None):
+  if dtype == "auto":
+    dtype = torch_dtype_of(hf or {}) or "float32"
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+  return jnp.dtype(dtype).type
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding the files.
+
+
+def resolve_folder(path: str) -> str:
+  """A local folder as is; otherwise a hub id, from the local cache or (when online) downloaded."""
+  if os.path.isdir(path):
+    return path
+  looks_like_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not path.startswith((".", "/"))
+  if not looks_like_id:
+    raise FileNotFoundError(f"model folder {path!r} does not exist (and is not a hub id like 'Qwen/Qwen2-1.5B')")
+  import huggingface_hub  # pylint: disable=import-outside-toplevel
+
+  patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+  try:
+    return huggingface_hub.snapshot_download(path, allow_patterns=patterns, local_files_only=True)
+  except Exception:  # not cached: try the hub
+    pass
+  try:
+    return huggingface_hub.snapshot_download(path, allow_patterns=patterns)
+  except Exception as e:
+    raise FileNotFoundError(
+        f"{path!r} is not a local folder and could not be fetched from the Hugging Face hub "
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline? Download it where there "
+        f"is a network with `huggingface-cli download {path} --local-dir DIR` and pass DIR.") from e
+
+
+def weight_files(folder: str) -> dict[str, str]:
+  """Tensor name -> safetensors file, from the index or the single file; refuses pickle checkpoints."""
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    for shard in sorted(set(weight_map.values())):
+      if not os.path.exists(os.path.join(folder, shard)):
+        raise CheckpointError(f"{index} lists shard {shard}, which is not in {folder}; download the missing file")
+    return {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+  single = os.path.join(folder, "model.safetensors")
+  if os.path.exists(single):
+    return {name: single for name in SafetensorsFile(single).names()}
+  pickles = [p for g in PICKLE_GLOBS for p in glob.glob(os.path.join(folder, g))]
+  if pickles:
+    raise CheckpointError(
+        f"{folder} holds only pickle weights ({os.path.basename(pickles[0])}); jaxkd never unpickles files, "
+        "which can run arbitrary code. Convert them to safetensors (transformers: load the model and call "
+        "save_pretrained(dir, safe_serialization=True)) or use the model's safetensors release")
+  raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The name table: our parameter paths <-> HF tensor names.
+
+
+def _stack_dims(template: str) -> int:
+  return template.count("{layer}") + template.count("{head}")
+
+
+def hf_entries(template: str, shape: tuple[int, ...]):
+  """Yields (index into our stacked param, HF name) for every tensor a table row covers."""
+  n = _stack_dims(template)
+  keys = ["layer", "head"][:n] if "{layer}" in template else ["head"][:n]
+  for idx in itertools.product(*(range(s) for s in shape[:n])):
+    yield idx, template.format(**dict(zip(keys, idx)))
+
+
+def hf_shape(path: str, template: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  rest = tuple(shape[_stack_dims(template):])
+  return rest[::-1] if path.endswith("kernel") else rest
+
+
+def _table(cfg: ModelConfig, flat_params) -> dict[str, str]:
+  table = FAMILIES[cfg.model_type].WEIGHT_NAMES
+  missing = [p for p, _ in flat_params if p not in table]
+  if missing:
+    raise KeyError(f"no HF name for parameters {missing} in the {cfg.model_type} WEIGHT_NAMES table")
+  return {p: table[p] for p, _ in flat_params}
+
+
+def _flat_params(model) -> list[tuple[str, Any]]:
+  return [(".".join(map(str, k)), v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _check_names_and_shapes(cfg, folder, table, flat, files: dict[str, str]):
+  expected = {}
+  for path, var in flat:
+    for _, name in hf_entries(table[path], var.shape):
+      expected[name] = hf_shape(path, table[path], var.shape)
+  missing = sorted(set(expected) - set(files))
+  unexpected = sorted(n for n in set(files) - set(expected) if not IGNORED.match(n)
+                      and not (cfg.tie_embeddings and n == "lm_head.weight"))
+  if missing:
+    raise CheckpointError(
+        f"{folder}: {len(missing)} weight(s) that config.json implies are missing from the checkpoint, e.g. "
+        f"{missing[:4]}; the weights and config.json do not belong together (or a shard is incomplete)")
+  if unexpected:
+    raise CheckpointError(
+        f"{folder}: {len(unexpected)} unexpected weight(s) in the checkpoint, e.g. {unexpected[:4]}; they "
+        "would be silently dropped, which means config.json does not describe these weights (check "
+        "attention_bias, use_qkv_bias, qk_layernorm, tie_word_embeddings, num_hidden_layers)")
+  readers = {f: SafetensorsFile(f) for f in sorted(set(files[n] for n in expected))}
+  for name, want in expected.items():
+    got = readers[files[name]].shape(name)
+    if tuple(got) != tuple(want):
+      raise CheckpointError(
+          f"{files[name]}: weight {name} has shape {tuple(got)} but config.json implies {tuple(want)}; "
+          "the weights and config.json do not belong together")
+  return readers
+
+
+def load_params(model, folder: str, *, mesh: Mesh | None = None) -> None:
+  """Fills the (abstract) parameters of `model` from the safetensors in `folder`, in place."""
+  cfg = model.cfg
+  flat = _flat_params(model)
+  table = _table(cfg, flat)
+  files = weight_files(folder)
+  readers = _check_names_and_shapes(cfg, folder, table, flat, files)
+  device = SingleDeviceSharding(jax.devices()[0])
+
+  for path, var in flat:
+    template, shape, dtype = table[path], tuple(var.shape), np.dtype(var.dtype)
+    axes = var.get_metadata().get("axes")
+    sharding = shd.named_sharding(mesh, axes, shape) if mesh is not None else device
+    n_stack, transpose = _stack_dims(template), path.endswith("kernel")
+
+    def shard(index, template=template, shape=shape, dtype=dtype, n_stack=n_stack, transpose=transpose):
+      index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+      stack_ranges = [range(*index[d].indices(shape[d])) for d in range(n_stack)]
+      inner = index[n_stack:]
+      out = np.empty([len(r) for r in stack_ranges] + [len(range(*s.indices(shape[n_stack + i])))
+                                                       for i, s in enumerate(inner)], dtype)
+      keys = ["layer", "head"][:n_stack] if "{layer}" in template else ["head"][:n_stack]
+      for pos, idx in zip(itertools.product(*(range(len(r)) for r in stack_ranges)),
+                          itertools.product(*stack_ranges)):
+        name = template.format(**dict(zip(keys, idx)))
+        view = readers[files[name]].get(name)
+        out[pos] = (view.T if transpose else view)[inner]
+      return out
+
+    var.value = jax.make_array_from_callback(shape, sharding, shard)
+
+
+def from_pretrained(path: str, *, dtype: Any = "float32", compute_dtype: Any = None, mesh: Mesh | None = None,
+                    remat: str = "none") -> Transformer:
+  """Loads a Qwen2, Llama or StableLM model from a local HF folder (or a cached/downloadable hub id).
+
+  Args:
+    path: folder with config.json and model.safetensors (or sharded files with their index).
+    dtype: parameter dtype, "float32", "bfloat16", "float16" or "auto" (the checkpoint's own).
+    compute_dtype: activation dtype; defaults to `dtype`.
+    mesh: place each parameter on its NamedSharding from the logical-axis rules; None = first device.
+    remat: rematerialisation policy of the scanned layers (see transformer.REMAT_POLICIES).
+  """
+  folder = resolve_folder(path)
+  hf = read_config(folder)
+  cfg = config_from_hf(hf)
+  param_dtype = resolve_dtype(dtype, hf)
+  compute = resolve_dtype(compute_dtype, hf) if compute_dtype is not None else param_dtype
+  model = nnx.eval_shape(lambda: Transformer(cfg, param_dtype=param_dtype, dtype=compute, remat=remat,
+                                             rngs=nnx.Rngs(0)))
+  load_params(model, folder, mesh=mesh)
+  return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export.
+
+
+def _host_array(value) -> np.ndarray:
+  if not value.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    value = multihost_utils.process_allgather(value, tiled=True)
+  return np.asarray(jax.device_get(value))
+
+
+def save_pretrained(model: Transformer, path: str, tokenizer=None, *, dtype: str | None = None,
+                    max_shard_size: int = DEFAULT_SHARD_BYTES) -> str:
+  """Writes an HF folder (config.json, safetensors shards with an index when above `max_shard_size`,
+  tokenizer files when given) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+  The folder is written beside `path` and moved into place at the end, so an interrupted export never
+  leaves a half-written model where a finished one was.
+  On several processes every process must call it; only process 0 writes.
+  """
+  cfg = model.cfg
+  flat = _flat_params(model)
+  table = _table(cfg, flat)
+  out_dtype = np.dtype(resolve_dtype(dtype)) if dtype else np.dtype(flat[0][1].value.dtype)
+  dtype_name = {np.dtype(v): k for k, v in DTYPES.items()}[out_dtype]
+  writing = jax.process_index() == 0
+
+  # Plan the shards from shapes alone, then stream: one stacked parameter on the host at a time.
+  plan = []  # (hf name, param path, index, hf shape)
+  for p, var in flat:
+    for idx, name in hf_entries(table[p], tuple(var.shape)):
+      plan.append((name, p, idx, hf_shape(p, table[p], tuple(var.shape))))
+  groups, size = [[]], 0
+  for entry in plan:
+    nbytes = int(np.prod(entry[3])) * out_dtype.itemsize
+    if groups[-1] and size + nbytes > max_shard_size:
+      groups.append([])
+      size = 0
+    groups[-1].append(entry)
+    size += nbytes
+  values = dict(flat)
+  cache: dict[str, np.ndarray] = {}
+
+  def tensors(group):
+    for _, p, idx, _ in group:
+      if p not in cache:
+        cache.clear()
+        cache[p] = _host_array(values[p].value).astype(out_dtype)
+      t = cache[p][idx]
+      yield t.T if p.endswith("kernel") else t
+
+  parent = os.path.dirname(os.path.abspath(path)) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".export-", dir=parent) if writing else None
+  names = (["model.safetensors"] if len(groups) == 1 else
+           [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+  for file_name, group in zip(names, groups):
+    specs = [(name, out_dtype, shape) for name, _, _, shape in group]
+    if writing:
+      write_file(os.path.join(tmp, file_name), specs, tensors(group))
+    else:  # other processes still take part in the gathers
+      for _ in tensors(group):
+        pass
+  cache.clear()
+  if not writing:
+    return path
+  if len(groups) > 1:
+    weight_map = {e[0]: f for f, g in zip(names, groups) for e in g}
+    total = sum(int(np.prod(e[3])) * out_dtype.itemsize for e in plan)
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  with open(os.path.join(tmp, "config.json"), "w") as f:
+    json.dump(config_to_hf(cfg, dtype_name), f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(tmp)
+  old = None
+  if os.path.exists(path):
+    old = tempfile.mkdtemp(prefix=".replaced-", dir=parent)
+    os.replace(path, os.path.join(old, "model"))
+  os.replace(tmp, path)
+  if old:
+    shutil.rmtree(old)
+  return path

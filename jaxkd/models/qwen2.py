@@ -1,0 +1,51 @@
+"""Qwen2 and Qwen2.5: HF config conversion and weight names (Llama's, with q/k/v biases)."""
+
+from jaxkd.models import config as C
+from jaxkd.models import llama
+
+MODEL_TYPE = "qwen2"
+ARCHITECTURE = "Qwen2ForCausalLM"
+WEIGHT_NAMES = llama.WEIGHT_NAMES  # bias rows apply only where the config switches the bias on
+
+
+def from_hf_config(hf: dict) -> C.ModelConfig:
+  C.check_fields(hf, model_type=MODEL_TYPE, allowed={"hidden_act": ("silu",), "use_sliding_window": (False,)})
+  sliding = [i for i, t in enumerate(hf.get("layer_types") or []) if t != "full_attention"]
+  if sliding:
+    raise C.UnsupportedConfigError(
+        f"config.json layer_types marks layers {sliding} as {hf['layer_types'][sliding[0]]!r}: sliding-window "
+        "attention is not implemented; set use_sliding_window=false and layer_types to full_attention")
+  return C.ModelConfig(
+      model_type=MODEL_TYPE,
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=hf["num_attention_heads"],
+      num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+      head_dim=C.head_dim_of(hf),
+      max_position_embeddings=hf["max_position_embeddings"],
+      norm="rms",
+      norm_eps=hf.get("rms_norm_eps", 1e-6),
+      qkv_bias=True,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      rope=C.rope_from_hf(hf),
+      initializer_range=hf.get("initializer_range", 0.02),
+      hf_passthrough=C.passthrough_of(hf),
+  )
+
+
+def to_hf_config(cfg: C.ModelConfig) -> dict:
+  return {
+      "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "hidden_act": "silu",
+      "max_position_embeddings": cfg.max_position_embeddings,
+      "rms_norm_eps": cfg.norm_eps,
+      "use_sliding_window": False,
+      "max_window_layers": cfg.num_layers,
+      **C.rope_to_hf(cfg.rope),
+  }

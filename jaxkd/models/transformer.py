@@ -1,0 +1,196 @@
+"""The one decoder every family shares: attention, MLP, block and the scanned stack.
+
+A family differs only by its `ModelConfig` switches (norm kind, biases, per-head q/k norms, parallel
+residual, partial rotary, tied head). Layers are stacked on a leading "layers" axis and run under
+`jax.lax.scan`, so compile time does not grow with depth; `remat` picks a rematerialisation policy for
+the scanned block.
+
+Attention is causal within documents: a token attends to earlier tokens with the same segment id. Padding
+is segment 0, so real tokens never see it and packed rows never attend across documents.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxkd.models.config import ModelConfig
+from jaxkd.models.layers import Embed, Linear, Norm, apply_rope, rope_cos_sin
+from jaxkd.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class ModelOutput(NamedTuple):
+  logits: jax.Array | None  # [B, T, V], or None when not asked for
+  last_hidden: jax.Array  # [B, T, D], after the final norm: the input of the output head
+  # [L + 1, B, T, D] as transformers' `output_hidden_states`: the embeddings, the output of each layer but
+  # the last, then the last layer's output after the final norm.
+  hidden_states: jax.Array | None
+
+
+def make_attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+  """[B, 1, T, T] boolean: causal and within the same segment (padding, segment 0, only sees padding)."""
+  t = segment_ids_BxT.shape[1]
+  causal_TxT = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+  same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  return (causal_TxT[None] & same_BxTxT)[:, None]
+
+
+def positions_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
+  """Position of each token inside its own document (0 at every document start)."""
+  t = segment_ids_BxT.shape[1]
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids_BxT.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids_BxT[:, :1], dtype=jnp.bool_), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]],
+      axis=1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with rotary embeddings, optional biases and per-head q/k LayerNorm."""
+
+  def __init__(self, cfg: ModelConfig, *, stack=(), param_dtype=jnp.float32, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = dict(stack=stack, std=cfg.initializer_range, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+    self.q_proj = Linear(d, h * hd, axes=("embed", "q_heads"), bias=cfg.qkv_bias, **kw)
+    self.k_proj = Linear(d, k * hd, axes=("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+    self.v_proj = Linear(d, k * hd, axes=("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+    self.o_proj = Linear(h * hd, d, axes=("q_heads", "embed"), bias=cfg.o_bias, **kw)
+    if cfg.qk_norm:
+      nkw = dict(kind="layer", eps=cfg.norm_eps, bias=False, axes=("heads", "head_dim"), stack=stack,
+                 param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+      self.q_layernorm = Norm((h, hd), **nkw)
+      self.k_layernorm = Norm((k, hd), **nkw)
+    self.cfg = cfg
+
+  def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
+    cfg = self.cfg
+    b, t, _ = x_BxTxD.shape
+    q_BxTxNxH = self.q_proj(x_BxTxD).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k_BxTxKxH = self.k_proj(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+      q_BxTxNxH, k_BxTxKxH = self.q_layernorm(q_BxTxNxH), self.k_layernorm(k_BxTxKxH)
+    q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, cos, sin), ("act_batch", "act_seq", "act_heads", None))
+    k_BxTxKxH = apply_rope(k_BxTxKxH, cos, sin)
+    out_BxTxNxH = jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, scale=cfg.head_dim ** -0.5)
+    return self.o_proj(out_BxTxNxH.reshape(b, t, cfg.num_heads * cfg.head_dim))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, stack=(), param_dtype=jnp.float32, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(bias=cfg.mlp_bias, stack=stack, std=cfg.initializer_range, param_dtype=param_dtype,
+              dtype=dtype, rngs=rngs)
+    self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+    self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+    self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+
+  def __call__(self, x_BxTxD):
+    h_BxTxF = jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD)
+    return self.down_proj(constrain(h_BxTxF, ("act_batch", "act_seq", "act_mlp")))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder layer, sequential (Llama, Qwen2) or parallel residual (StableLM option)."""
+
+  def __init__(self, cfg: ModelConfig, *, stack=(), param_dtype=jnp.float32, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(stack=stack, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+    norm = dict(kind=cfg.norm, eps=cfg.norm_eps, bias=cfg.norm_bias, axes=("norm",), **kw)
+    self.input_layernorm = Norm(cfg.hidden_size, **norm)
+    self.self_attn = Attention(cfg, **kw)
+    if not cfg.parallel_residual:
+      self.post_attention_layernorm = Norm(cfg.hidden_size, **norm)
+    self.mlp = MLP(cfg, **kw)
+    self.parallel_residual = cfg.parallel_residual
+
+  def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
+    h_BxTxD = self.input_layernorm(x_BxTxD)
+    attn_BxTxD = self.self_attn(h_BxTxD, cos, sin, mask_Bx1xTxT)
+    if self.parallel_residual:
+      return x_BxTxD + attn_BxTxD + self.mlp(h_BxTxD)
+    x_BxTxD = x_BxTxD + attn_BxTxD
+    return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model. `model(input_ids)` gives logits; `model.forward` gives more."""
+
+  def __init__(self, cfg: ModelConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, remat: str = "none",
+               rngs: nnx.Rngs):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+    kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, **kw)
+    self.layers = Block(cfg, stack=(cfg.num_layers,), **kw)
+    self.norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, bias=cfg.norm_bias, axes=("norm",), **kw)
+    self.lm_head = (None if cfg.tie_embeddings else
+                    Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), bias=False,
+                           std=cfg.initializer_range, **kw))
+    self.cfg, self.dtype, self.remat = cfg, dtype, remat
+
+  def head_kernel(self) -> jax.Array:
+    """The output head [D, V] in the compute dtype (the embedding table, transposed, when tied)."""
+    if self.lm_head is None:
+      return self.embed_tokens.embedding[...].T.astype(self.dtype)
+    return self.lm_head.kernel[...].astype(self.dtype)
+
+  def forward(self, input_ids_BxT, *, attention_mask=None, segment_ids=None, positions=None,
+              output_hidden_states: bool = False, compute_logits: bool = True) -> ModelOutput:
+    """Runs the decoder.
+
+    Args:
+      input_ids_BxT: int token ids.
+      attention_mask: [B, T] 1 for real tokens, 0 for padding (left or right).
+      segment_ids: [B, T] document ids of packed rows, 0 for padding; takes precedence over attention_mask.
+      positions: [B, T] rotary positions; by default each token's index inside its document (or, with
+        only an attention_mask, among the real tokens of its row).
+      output_hidden_states: also return every layer's output, for hidden-state distillation.
+      compute_logits: False skips the output head (the fused loss applies it chunk by chunk).
+    """
+    ids = jnp.asarray(input_ids_BxT, jnp.int32)
+    if segment_ids is None:
+      segment_ids = (jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32))
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    if positions is None:  # with left padding too, real tokens count from 0
+      positions = positions_from_segments(segment_ids)
+    cos, sin = rope_cos_sin(self.cfg, jnp.asarray(positions, jnp.int32))
+    mask = make_attention_mask(segment_ids)
+
+    x0_BxTxD = constrain(self.embed_tokens(ids), ("act_batch", "act_seq", "act_embed"))
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def body(x, one_layer_state):
+      y = nnx.merge(graphdef, one_layer_state)(x, cos, sin, mask)
+      y = constrain(y, ("act_batch", "act_seq", "act_embed"))
+      return y, (y if output_hidden_states else None)
+
+    if self.remat != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    x_BxTxD, per_layer_LxBxTxD = jax.lax.scan(body, x0_BxTxD, layer_state)
+    last_BxTxD = self.norm(x_BxTxD)
+    hidden = (jnp.concatenate([x0_BxTxD[None], per_layer_LxBxTxD[:-1], last_BxTxD[None]])
+              if output_hidden_states else None)
+    logits = None
+    if compute_logits:
+      logits = jnp.einsum("btd,dv->btv", last_BxTxD, self.head_kernel())
+      logits = constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+    return ModelOutput(logits=logits, last_hidden=last_BxTxD, hidden_states=hidden)
+
+  def __call__(self, input_ids_BxT, **kwargs) -> jax.Array:
+    return self.forward(input_ids_BxT, **kwargs).logits
