@@ -137,7 +137,13 @@ def rope_from_hf(hf: dict) -> RopeConfig:
   legacy = dict(hf.get("rope_scaling") or {})
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   fraction = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-  scaling = {**legacy, **{k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}}
+  params_type = params.get("rope_type") or params.get("type") or "default"
+  legacy_type = legacy.get("rope_type") or legacy.get("type") or "default"
+  if params and legacy and params_type != legacy_type:
+    raise UnsupportedConfigError(
+        f"config.json has rope_parameters (rope_type={params_type!r}) and rope_scaling "
+        f"(rope_type={legacy_type!r}) that disagree; keep only one of them")
+  scaling = {k: v for k, v in {**legacy, **params}.items() if k not in ("rope_theta", "partial_rotary_factor")}
   rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
   scaling.pop("type", None)
   if rope_type not in ROPE_TYPES:

@@ -225,7 +225,7 @@ def load_params(model, folder: str, *, mesh: Mesh | None = None) -> None:
         out[pos] = (view.T if transpose else view)[inner]
       return out
 
-    var.value = jax.make_array_from_callback(shape, sharding, shard)
+    var.set_value(jax.make_array_from_callback(shape, sharding, shard))
 
 
 def from_pretrained(path: str, *, dtype: Any = "float32", compute_dtype: Any = None, mesh: Mesh | None = None,
@@ -273,7 +273,7 @@ def save_pretrained(model: Transformer, path: str, tokenizer=None, *, dtype: str
   cfg = model.cfg
   flat = _flat_params(model)
   table = _table(cfg, flat)
-  out_dtype = np.dtype(resolve_dtype(dtype)) if dtype else np.dtype(flat[0][1].value.dtype)
+  out_dtype = np.dtype(resolve_dtype(dtype)) if dtype else np.dtype(flat[0][1].get_value().dtype)
   dtype_name = {np.dtype(v): k for k, v in DTYPES.items()}[out_dtype]
   writing = jax.process_index() == 0
 
@@ -297,7 +297,7 @@ def save_pretrained(model: Transformer, path: str, tokenizer=None, *, dtype: str
     for _, p, idx, _ in group:
       if p not in cache:
         cache.clear()
-        cache[p] = _host_array(values[p].value).astype(out_dtype)
+        cache[p] = _host_array(values[p].get_value()).astype(out_dtype)
       t = cache[p][idx]
       yield t.T if p.endswith("kernel") else t
 

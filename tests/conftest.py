@@ -1,0 +1,29 @@
+"""Test setup: 8 simulated CPU devices, float32 matmuls at full precision, tiny HF models built locally."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def hf_factory(tmp_path_factory):
+  """make(name, hf_config) -> folder of a random tiny transformers model saved with save_pretrained."""
+  from tests import hf_models  # pylint: disable=import-outside-toplevel
+
+  cache = {}
+
+  def make(name, config=None, **kwargs):
+    if name not in cache:
+      cache[name] = hf_models.save_tiny(tmp_path_factory.mktemp(name), config or hf_models.CONFIGS[name],
+                                        **kwargs)
+    return cache[name]
+
+  return make

@@ -1,0 +1,298 @@
+"""The model ports against transformers' PyTorch forward, the exporter, and the parameter counts."""
+
+import copy
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from flax import nnx
+
+from jaxkd import models, sharding
+from jaxkd.models import presets
+from tests import hf_models
+
+FAMILY_CONFIGS = sorted(hf_models.CONFIGS)
+
+
+def _ids(seed, b=2, t=12):
+  return np.random.RandomState(seed).randint(0, hf_models.V, (b, t)).astype(np.int32)
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_logits_match_transformers(hf_factory, name):
+  folder = hf_factory(name)
+  model = models.from_pretrained(folder)
+  ids = _ids(1)
+  ref = hf_models.torch_logits(folder, ids)
+  diff = np.abs(np.asarray(model(ids)) - ref).max()
+  print(f"{name}: max |jax - torch| = {diff:.2e}")
+  assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "llama_gqa_llama3", "stablelm_full"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logits_match_transformers_with_padding(hf_factory, name, side):
+  folder = hf_factory(name)
+  model = models.from_pretrained(folder)
+  ids = _ids(2, t=10)
+  mask = np.ones_like(ids)
+  if side == "right":
+    mask[0, 6:] = 0
+  else:
+    mask[0, :4] = 0
+  # Real tokens count positions from 0 in both implementations.
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  ref = hf_models.torch_logits(folder, ids, attention_mask=mask, position_ids=positions)
+  ours = np.asarray(model(ids, attention_mask=mask))
+  real = mask.astype(bool)
+  diff = np.abs(ours[real] - ref[real]).max()
+  print(f"{name} {side} padding: max |jax - torch| over real tokens = {diff:.2e}")
+  assert diff <= 1e-4
+  # The unpadded row is unaffected by its neighbour's padding.
+  np.testing.assert_allclose(ours[1], np.asarray(model(ids[1:]))[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen2_untied", "stablelm_full"])
+def test_hidden_states_match_transformers(hf_factory, name):
+  folder = hf_factory(name)
+  model = models.from_pretrained(folder)
+  ids = _ids(3)
+  _, ref = hf_models.torch_logits(folder, ids, output_hidden_states=True)
+  out = model.forward(ids, output_hidden_states=True)
+  assert out.hidden_states.shape[0] == len(ref) == hf_models.L + 1
+  for i, h in enumerate(ref):
+    assert np.abs(np.asarray(out.hidden_states[i]) - h).max() <= 1e-4, f"hidden state {i}"
+  np.testing.assert_allclose(np.asarray(out.last_hidden), ref[-1], atol=1e-4)
+
+
+def test_packed_row_equals_separate_documents(hf_factory):
+  """Segment ids keep packed documents apart: a packed row equals each document run alone."""
+  model = models.from_pretrained(hf_factory("stablelm_full"))
+  docs = [_ids(4, b=1, t=5)[0], _ids(5, b=1, t=4)[0], _ids(6, b=1, t=3)[0]]
+  packed = np.concatenate(docs + [np.zeros(2, np.int32)])[None]
+  segments = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)] + [np.zeros(2)])[None]
+  logits = np.asarray(model(packed, segment_ids=segments.astype(np.int32)))[0]
+  start = 0
+  for d in docs:
+    alone = np.asarray(model(d[None]))[0]
+    diff = np.abs(logits[start:start + len(d)] - alone).max()
+    assert diff <= 1e-5, diff
+    start += len(d)
+
+
+def test_bf16_loading(hf_factory):
+  """bf16 parameters and compute: logits within 3% of the logit range of the float32 reference."""
+  folder = hf_factory("qwen2_untied")
+  model = models.from_pretrained(folder, dtype="bfloat16")
+  leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  assert all(x.dtype == jnp.bfloat16 for x in leaves)
+  ids = _ids(7)
+  ref = hf_models.torch_logits(folder, ids)
+  ours = np.asarray(model(ids)).astype(np.float32)
+  err = np.abs(ours - ref).max() / np.abs(ref).max()
+  print(f"bf16: max error / max |logit| = {err:.3e}")
+  assert err <= 3e-2
+  assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "llama_bias_linear", "stablelm_full", "llama_yarn"])
+def test_export_reloads_in_transformers(hf_factory, tmp_path, name):
+  model = models.from_pretrained(hf_factory(name))
+  out = models.save_pretrained(model, str(tmp_path / "export"))
+  reloaded, info = tf.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+  ids = _ids(8)
+  with torch.no_grad():
+    ref = reloaded.eval()(torch.tensor(ids)).logits.numpy()
+  diff = np.abs(np.asarray(model(ids)) - ref).max()
+  print(f"{name}: export -> transformers max diff {diff:.2e}")
+  assert diff <= 1e-4
+  # and back into jaxkd, bit for bit
+  again = models.from_pretrained(out)
+  np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))
+
+
+def test_sharded_export_with_index_and_tokenizer(hf_factory, tmp_path):
+  model = models.from_pretrained(hf_factory("llama_gqa_llama3"))
+  tok = _tokenizer()
+  out = models.save_pretrained(model, str(tmp_path / "sharded"), tokenizer=tok, max_shard_size=20_000,
+                               dtype="bfloat16")
+  files = sorted(os.listdir(out))
+  assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+  assert "tokenizer.json" in files or "tokenizer_config.json" in files
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["torch_dtype"] == "bfloat16"
+  reloaded, info = tf.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  ours = models.from_pretrained(out, dtype="auto")
+  assert ours.embed_tokens.embedding.get_value().dtype == jnp.bfloat16
+  ids = _ids(9)
+  with torch.no_grad():
+    ref = reloaded.float().eval()(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(models.from_pretrained(out)(ids)), ref, atol=1e-4)
+
+
+def _tokenizer():
+  from tokenizers import Tokenizer, models as tm, pre_tokenizers  # pylint: disable=import-outside-toplevel
+  vocab = {f"t{i}": i for i in range(hf_models.V)}
+  vocab["[UNK]"] = hf_models.V
+  raw = Tokenizer(tm.WordLevel(vocab, unk_token="[UNK]"))
+  raw.pre_tokenizer = pre_tokenizers.Whitespace()
+  return tf.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
+
+
+def test_loading_onto_a_mesh(hf_factory):
+  """With a mesh each parameter lands on its NamedSharding; the logits do not change."""
+  folder = hf_factory("qwen2_untied")
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+  model = models.from_pretrained(folder, mesh=mesh)
+  q = model.layers.self_attn.q_proj.kernel.get_value()
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert model.embed_tokens.embedding.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")  # 101 % 4
+  assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 8)
+  ids = _ids(10)
+  with jax.set_mesh(mesh):
+    sharded = np.asarray(jax.jit(lambda m, x: m(x))(model, ids))
+  np.testing.assert_allclose(sharded, np.asarray(models.from_pretrained(folder)(ids)), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real configs, abstractly.
+
+REAL_COUNTS = {
+    "Qwen/Qwen2-1.5B": 1_543_714_304,
+    "Qwen/Qwen2-7B": 7_615_616_512,
+    "meta-llama/Llama-3.1-8B": 8_030_261_248,
+    "stabilityai/stablelm-2-1_6b": 1_644_515_328,
+}
+
+
+@pytest.mark.parametrize("hub_id", sorted(REAL_COUNTS))
+def test_real_config_parameter_counts(hub_id):
+  cfg = models.config_from_hf(presets.PRESETS[hub_id])
+  abstract = nnx.eval_shape(lambda: models.Transformer(cfg, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))]
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
+  ours = sum(int(np.prod(x.shape)) for x in leaves)
+  # transformers' own count, on the meta device (no memory either)
+  with torch.device("meta"):
+    hf = copy.deepcopy(presets.PRESETS[hub_id])  # transformers edits rope_scaling in place
+    ref_model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(**hf))
+  theirs = sum(p.numel() for p in ref_model.parameters())
+  assert ours == theirs == REAL_COUNTS[hub_id]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad inputs.
+
+
+def _copy(folder, dst):
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copytree(folder, dst)
+  return str(dst)
+
+
+def _rewrite_weights(folder, edit):
+  from safetensors.torch import load_file, save_file  # pylint: disable=import-outside-toplevel
+  path = os.path.join(folder, "model.safetensors")
+  tensors = load_file(path)
+  edit(tensors)
+  save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _edit_config(folder, **changes):
+  path = os.path.join(folder, "config.json")
+  with open(path) as f:
+    cfg = json.load(f)
+  cfg.update(changes)
+  with open(path, "w") as f:
+    json.dump(cfg, f)
+
+
+def test_missing_weight_is_named(hf_factory, tmp_path):
+  folder = _copy(hf_factory("qwen2_untied"), tmp_path / "m")
+  _rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+  with pytest.raises(models.CheckpointError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
+    models.from_pretrained(folder)
+
+
+def test_unexpected_weight_is_named(hf_factory, tmp_path):
+  folder = _copy(hf_factory("qwen2_untied"), tmp_path / "m")
+  _rewrite_weights(folder, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(32)}))
+  with pytest.raises(models.CheckpointError, match=r"unexpected.*o_proj\.bias"):
+    models.from_pretrained(folder)
+
+
+def test_wrong_shape_is_named(hf_factory, tmp_path):
+  folder = _copy(hf_factory("llama_gqa_llama3"), tmp_path / "m")
+  _edit_config(folder, intermediate_size=48)
+  with pytest.raises(models.CheckpointError, match=r"mlp\.(gate|up|down)_proj\.weight has shape \((64, 32|32, 64)\) but config.json implies \((48, 32|32, 48)\)"):
+    models.from_pretrained(folder)
+
+
+def test_missing_shard_is_named(hf_factory, tmp_path):
+  model = models.from_pretrained(hf_factory("qwen2_tied"))
+  out = models.save_pretrained(model, str(tmp_path / "s"), max_shard_size=30_000)
+  second = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))[1]
+  os.remove(os.path.join(out, second))
+  with pytest.raises(models.CheckpointError, match=rf"lists shard {second}, which is not in"):
+    models.from_pretrained(out)
+
+
+def test_truncated_shard_is_named(hf_factory, tmp_path):
+  folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
+  path = os.path.join(folder, "model.safetensors")
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) - 100)
+  with pytest.raises(models.CheckpointError, match=r"model\.safetensors is truncated"):
+    models.from_pretrained(folder)
+
+
+def test_pickle_only_folder_is_refused(hf_factory, tmp_path):
+  folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
+  os.remove(os.path.join(folder, "model.safetensors"))
+  torch.save({"x": torch.zeros(1)}, os.path.join(folder, "pytorch_model.bin"))
+  with pytest.raises(models.CheckpointError, match=r"only pickle weights.*never unpickles"):
+    models.from_pretrained(folder)
+
+
+def test_hub_id_offline_says_how_to_fix(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(FileNotFoundError, match=r"huggingface-cli download jaxkd-test/no-such-model"):
+    models.from_pretrained("jaxkd-test/no-such-model")
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"use_sliding_window": True}, r"use_sliding_window"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, r"layer_types.*sliding"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, r"rope_type='longrope'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, r"rope_parameters.*rope_scaling.*disagree"),
+    ({"model_type": "gpt2"}, r"model_type='gpt2' is not supported"),
+    ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
+    ({"attention_dropout": 0.1}, r"attention_dropout"),
+])
+def test_unsupported_config_fields_are_named(hf_factory, tmp_path, changes, match):
+  folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
+  _edit_config(folder, **changes)
+  with pytest.raises(models.UnsupportedConfigError, match=match):
+    models.from_pretrained(folder)
+
+
+def test_both_config_spellings_give_the_same_model():
+  """Hub configs (top-level rope_theta, rope_scaling, partial_rotary_factor, torch_dtype) and
+  transformers 5 configs (rope_parameters, dtype) describe the same model."""
+  hub = presets.PRESETS["stabilityai/stablelm-2-1_6b"]
+  new = {k: v for k, v in hub.items() if k not in ("rope_theta", "partial_rotary_factor", "torch_dtype")}
+  new.update(rope_parameters={"rope_type": "default", "rope_theta": 10000, "partial_rotary_factor": 0.25},
+             dtype="bfloat16")
+  assert models.config_from_hf(hub) == models.config_from_hf(new)
+  llama = presets.PRESETS["meta-llama/Llama-3.1-8B"]
+  llama_new = {k: v for k, v in llama.items() if k not in ("rope_theta", "rope_scaling")}
+  llama_new["rope_parameters"] = {**llama["rope_scaling"], "rope_theta": llama["rope_theta"]}
+  assert models.config_from_hf(llama) == models.config_from_hf(llama_new)
+  assert models.config_from_hf(llama).rope.type == "llama3"
