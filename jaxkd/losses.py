@@ -1,0 +1,382 @@
+"""Token-level losses for knowledge distillation: KD divergences, CE, accuracy.
+
+Every loss here works on logits of shape ``[..., V]`` (any leading dims, e.g.
+``[B, T, V]`` or ``[N, V]``) with an optional mask of the leading shape, and
+returns a float32 scalar averaged over the masked tokens.
+
+The math is always done in float32, whatever the input dtype: bf16 logits are
+upcast before the softmax, because bf16 log-probabilities lose too much
+precision for a KL between two close distributions.
+
+``per_token_divergence`` is the building block; ``kd_loss`` is just
+"divergence per token, then masked mean, times tau^2". A fused/chunked
+implementation over the vocabulary or the sequence can reuse
+``per_token_divergence`` and ``masked_sum_and_count`` per chunk and divide once
+at the end, giving the same number as ``kd_loss``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
+
+
+# ---------------------------------------------------------------------------
+# Argument checks and shared preprocessing
+# ---------------------------------------------------------------------------
+
+
+def _concrete(x):
+    """Return x as a Python float, or None when it is traced (not checkable)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return float(x)
+
+
+def _check_hparams(kind, temperature, beta, skew, teacher_top_k):
+    if kind not in KD_KINDS:
+        raise ValueError(
+            f"Unknown KD loss kind {kind!r}; valid kinds are {', '.join(KD_KINDS)}."
+        )
+    tau = _concrete(temperature)
+    if tau is not None and not tau > 0:
+        raise ValueError(
+            f"temperature must be > 0, got {temperature!r}; use 1.0 for plain softmax."
+        )
+    if kind == "jsd":
+        b = _concrete(beta)
+        if b is not None and not 0.0 < b < 1.0:
+            raise ValueError(
+                f"jsd needs 0 < beta < 1, got beta={beta!r}; at 0 or 1 the mixture "
+                "equals one of the two distributions and the JSD is identically 0."
+            )
+    if kind == "skew_kl":
+        s = _concrete(skew)
+        if s is not None and not 0.0 <= s < 1.0:
+            raise ValueError(
+                f"skew_kl needs 0 <= skew < 1, got skew={skew!r}; skew=1 makes the "
+                "mixture equal to the teacher and the loss identically 0."
+            )
+    if teacher_top_k is not None:
+        if kind == "reverse_kl":
+            raise ValueError(
+                "teacher_top_k cannot be used with kind='reverse_kl': the truncated "
+                "teacher has zero probability where the student has mass, so "
+                "KL(p_S || p_T) is +inf. Use forward_kl, jsd, tvd or skew_kl with "
+                "top-k, or drop teacher_top_k."
+            )
+        is_int = isinstance(teacher_top_k, numbers.Integral)
+        if isinstance(teacher_top_k, bool) or not is_int:
+            raise ValueError(
+                f"teacher_top_k must be an int or None, got {teacher_top_k!r}; it "
+                "fixes the shape of the top-k selection, so it cannot be traced."
+            )
+        if teacher_top_k < 1:
+            raise ValueError(f"teacher_top_k must be >= 1, got {teacher_top_k}.")
+
+
+def _cut_vocab(logits_a, logits_b, vocab_size, names=("student", "teacher")):
+    """Cut both logits to the real vocabulary; refuse mismatched vocab dims.
+
+    Models often pad their embedding matrix past the tokenizer's vocabulary
+    (Qwen2-7B has 152064 rows, Qwen2-1.5B 151936). The padded rows are not
+    tokens; keeping them would give them probability mass that the other model
+    cannot match, and zero-filling the shorter model would invent logits of 0,
+    i.e. real probability mass. So we only ever cut, never pad.
+    """
+    v_a, v_b = logits_a.shape[-1], logits_b.shape[-1]
+    if vocab_size is None:
+        if v_a != v_b:
+            raise ValueError(
+                f"{names[0]} vocab dim {v_a} != {names[1]} vocab dim {v_b}. The "
+                "larger one is probably a padded embedding; pass vocab_size=<the "
+                "tokenizer's vocab size> so both are cut to the real vocabulary."
+            )
+        return logits_a, logits_b
+    vocab_size = int(vocab_size)
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}.")
+    if vocab_size > min(v_a, v_b):
+        raise ValueError(
+            f"vocab_size={vocab_size} is larger than the logits' vocab dims "
+            f"({names[0]} {v_a}, {names[1]} {v_b}); it must be <= both. Pass the "
+            "tokenizer's vocab size, not the padded embedding size."
+        )
+    return logits_a[..., :vocab_size], logits_b[..., :vocab_size]
+
+
+def _cut_one(logits_xV, vocab_size):
+    if vocab_size is None:
+        return logits_xV
+    vocab_size = int(vocab_size)
+    if not 1 <= vocab_size <= logits_xV.shape[-1]:
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in [1, {logits_xV.shape[-1]}] (the "
+            "logits' vocab dim); pass the tokenizer's vocab size."
+        )
+    return logits_xV[..., :vocab_size]
+
+
+def _check_mask(mask, leading_shape):
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.shape != tuple(leading_shape):
+        raise ValueError(
+            f"mask has shape {mask.shape} but the logits' leading shape is "
+            f"{tuple(leading_shape)}; the mask needs one entry per token "
+            "(logits.shape[:-1])."
+        )
+    return mask
+
+
+def masked_sum_and_count(values_x, mask_x=None):
+    """Return (sum of values over masked entries, number of masked entries).
+
+    Both are float32 scalars. Masked-out entries are removed with ``where``
+    rather than multiplied by 0, so a NaN/inf in a padding row cannot leak in.
+    Chunked implementations add these up across chunks and divide once.
+    """
+    values_x = values_x.astype(jnp.float32)
+    if mask_x is None:
+        return jnp.sum(values_x), jnp.float32(values_x.size)
+    keep_x = jnp.asarray(mask_x).astype(bool)
+    total = jnp.sum(jnp.where(keep_x, values_x, 0.0))
+    count = jnp.sum(keep_x, dtype=jnp.float32)
+    return total, count
+
+
+def _masked_mean(values_x, mask_x):
+    total, count = masked_sum_and_count(values_x, mask_x)
+    # max(1, count): an all-masked batch gives 0 instead of 0/0 = NaN.
+    return total / jnp.maximum(count, 1.0)
+
+
+# ---------------------------------------------------------------------------
+# KD divergences
+# ---------------------------------------------------------------------------
+
+
+def _teacher_log_probs(teacher_xV, tau, teacher_top_k):
+    """Teacher log-probs at temperature tau, and where the teacher has support.
+
+    With top-k, the teacher keeps its k largest logits and is renormalised over
+    them; the rest get log-prob -inf (probability exactly 0). Later code either
+    exponentiates them (exp(-inf) = 0, with a 0 derivative) or goes through the
+    "double where" in ``_kl_from_logs``, so the -inf never produces a NaN value
+    or gradient. ``support`` is None when every token is kept.
+    """
+    if teacher_top_k is None:
+        logp_t_xV = jax.nn.log_softmax(teacher_xV / tau, axis=-1)
+        return logp_t_xV, None
+    vocab = teacher_xV.shape[-1]
+    if teacher_top_k > vocab:
+        raise ValueError(
+            f"teacher_top_k={teacher_top_k} is larger than the vocab size {vocab}; "
+            "use a k <= vocab size (or None to keep the full teacher)."
+        )
+    # Select on the undivided logits: dividing by tau > 0 keeps the order, and
+    # rounding after the division could only create extra ties.
+    _, top_idx_xK = jax.lax.top_k(jax.lax.stop_gradient(teacher_xV), teacher_top_k)
+    support_xV = jnp.put_along_axis(
+        jnp.zeros(teacher_xV.shape, dtype=bool), top_idx_xK, True, axis=-1, inplace=False
+    )
+    logits_xV = jnp.where(support_xV, teacher_xV / tau, -jnp.inf)
+    logp_t_xV = jax.nn.log_softmax(logits_xV, axis=-1)
+    return logp_t_xV, support_xV
+
+
+def _kl_from_logs(logp_xV, logq_xV, support_xV=None):
+    """sum_v p (log p - log q), with 0 log 0 = 0 off p's support.
+
+    Off the support log p = -inf. Masking only the product is not enough: its
+    backward pass still forms 0 * (-inf) = NaN for d/dp. So log p is first
+    replaced by a harmless 0 there ("double where"), and the product masked.
+    """
+    if support_xV is None:
+        p_xV = jnp.exp(logp_xV)
+        return jnp.sum(p_xV * (logp_xV - logq_xV), axis=-1)
+    safe_logp_xV = jnp.where(support_xV, logp_xV, 0.0)
+    term_xV = jnp.exp(safe_logp_xV) * (safe_logp_xV - logq_xV)
+    return jnp.sum(jnp.where(support_xV, term_xV, 0.0), axis=-1)
+
+
+def _log_mixture(weight_t, logp_t_xV, logp_s_xV):
+    """log(w p_T + (1 - w) p_S), computed in log space (no underflow to log 0)."""
+    if _concrete(weight_t) == 0.0:
+        # log(0) = -inf would work in the forward pass, but skew=0 is just the
+        # plain forward KL, so skip the mixture altogether.
+        return logp_s_xV
+    return jnp.logaddexp(
+        jnp.log(weight_t) + logp_t_xV, jnp.log1p(-weight_t) + logp_s_xV
+    )
+
+
+def per_token_divergence(
+    student_logits,
+    teacher_logits,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    teacher_top_k: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+):
+    """Divergence between teacher and student distributions, one per token.
+
+    Args:
+      student_logits, teacher_logits: ``[..., V]`` arrays, same leading shape.
+      kind: one of ``KD_KINDS``; see ``kd_loss``.
+      temperature, beta, skew, teacher_top_k, vocab_size: as in ``kd_loss``.
+
+    Returns:
+      float32 array of shape ``[...]`` (the leading shape). No tau^2 factor and
+      no masking -- ``kd_loss`` adds both.
+    """
+    _check_hparams(kind, temperature, beta, skew, teacher_top_k)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {student_logits.shape} and teacher logits "
+            f"{teacher_logits.shape} must have the same leading (token) shape."
+        )
+    student_xV, teacher_xV = _cut_vocab(student_logits, teacher_logits, vocab_size)
+    student_xV = student_xV.astype(jnp.float32)
+    teacher_xV = teacher_xV.astype(jnp.float32)
+
+    logp_s_xV = jax.nn.log_softmax(student_xV / temperature, axis=-1)
+    logp_t_xV, support_xV = _teacher_log_probs(teacher_xV, temperature, teacher_top_k)
+
+    if kind == "forward_kl":
+        return _kl_from_logs(logp_t_xV, logp_s_xV, support_xV)
+    if kind == "reverse_kl":
+        # top-k was rejected above, so logp_t is finite everywhere.
+        return _kl_from_logs(logp_s_xV, logp_t_xV)
+    if kind == "tvd":
+        p_t_xV = jnp.exp(logp_t_xV)  # exp(-inf) = 0 off the top-k support.
+        return 0.5 * jnp.sum(jnp.abs(p_t_xV - jnp.exp(logp_s_xV)), axis=-1)
+    if kind == "jsd":
+        logm_xV = _log_mixture(beta, logp_t_xV, logp_s_xV)
+        kl_t = _kl_from_logs(logp_t_xV, logm_xV, support_xV)
+        kl_s = _kl_from_logs(logp_s_xV, logm_xV)
+        return beta * kl_t + (1.0 - beta) * kl_s
+    # skew_kl
+    logm_xV = _log_mixture(skew, logp_t_xV, logp_s_xV)
+    return _kl_from_logs(logp_t_xV, logm_xV, support_xV)
+
+
+def kd_loss(
+    student_logits,
+    teacher_logits,
+    mask=None,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    vocab_size: Optional[int] = None,
+    teacher_top_k: Optional[int] = None,
+):
+    """Masked-mean distillation loss, scaled by temperature^2.
+
+    ``p_T = softmax(z_T / tau)``, ``p_S = softmax(z_S / tau)`` (in float32), and
+    per token:
+
+    * ``forward_kl``: KL(p_T || p_S)
+    * ``reverse_kl``: KL(p_S || p_T)
+    * ``jsd``: beta KL(p_T || m) + (1 - beta) KL(p_S || m),
+      m = beta p_T + (1 - beta) p_S, with 0 < beta < 1
+    * ``tvd``: 1/2 sum |p_T - p_S|
+    * ``skew_kl``: KL(p_T || skew p_T + (1 - skew) p_S), with 0 <= skew < 1
+
+    The result is ``tau^2 * sum_masked D / max(1, n_masked)``; the tau^2 keeps
+    gradient magnitudes comparable across temperatures (Hinton et al., 2015).
+
+    Args:
+      student_logits, teacher_logits: ``[..., V]`` logits, any float dtype.
+      mask: bool/0-1 array of the leading shape, or None for all tokens.
+      vocab_size: cut both logits to their first ``vocab_size`` entries before
+        the softmax. Required when the two vocab dims differ (padded
+        embeddings); must be <= both dims.
+      teacher_top_k: keep the teacher's k most likely tokens, renormalised;
+        the student stays normalised over the whole (cut) vocabulary. Not
+        allowed with ``reverse_kl`` (the divergence would be +inf).
+
+    Returns:
+      float32 scalar. Differentiable in both logits; stop the teacher's
+      gradient yourself if it is not frozen by other means.
+    """
+    d_x = per_token_divergence(
+        student_logits,
+        teacher_logits,
+        kind=kind,
+        temperature=temperature,
+        beta=beta,
+        skew=skew,
+        teacher_top_k=teacher_top_k,
+        vocab_size=vocab_size,
+    )
+    mask_x = _check_mask(mask, d_x.shape)
+    return (temperature**2) * _masked_mean(d_x, mask_x)
+
+
+# ---------------------------------------------------------------------------
+# Supervised (hard-label) losses
+# ---------------------------------------------------------------------------
+
+
+def _label_logits(logits_xV, labels_x):
+    """Gather logits at the labels; also whether each label is in [0, V)."""
+    vocab = logits_xV.shape[-1]
+    labels_x = jnp.asarray(labels_x)
+    if labels_x.shape != logits_xV.shape[:-1]:
+        raise ValueError(
+            f"labels have shape {labels_x.shape} but logits have leading shape "
+            f"{logits_xV.shape[:-1]}; pass one integer label per token."
+        )
+    if not jnp.issubdtype(labels_x.dtype, jnp.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels_x.dtype}.")
+    valid_x = (labels_x >= 0) & (labels_x < vocab)
+    # Select with a one-hot compare instead of a gather: under jit XLA fuses it
+    # into the reduction (no [..., V] one-hot is materialised), its backward is
+    # a cheap select rather than a scatter, and an out-of-range label such as
+    # the ignore index -100 simply matches nothing.
+    vocab_ids_V = jnp.arange(vocab, dtype=labels_x.dtype)
+    hit_xV = vocab_ids_V == labels_x[..., None]
+    picked_x = jnp.sum(jnp.where(hit_xV, logits_xV, 0.0), axis=-1)
+    return picked_x, valid_x
+
+
+def cross_entropy_loss(logits, labels, mask=None, *, vocab_size: Optional[int] = None):
+    """Mean over masked tokens of -log softmax(logits)[label], in float32.
+
+    Labels outside ``[0, vocab)`` (e.g. an ignore index of -100) are fine on
+    masked-out tokens; on unmasked tokens they make the loss NaN, on purpose,
+    because the label cannot be checked inside ``jit`` and a silent wrong
+    number would be worse.
+    """
+    logits_xV = _cut_one(logits, vocab_size).astype(jnp.float32)
+    mask_x = _check_mask(mask, logits_xV.shape[:-1])
+    picked_x, valid_x = _label_logits(logits_xV, labels)
+    nll_x = jax.nn.logsumexp(logits_xV, axis=-1) - picked_x
+    nll_x = jnp.where(valid_x, nll_x, jnp.nan)
+    return _masked_mean(nll_x, mask_x)
+
+
+def token_accuracy(logits, labels, mask=None, *, vocab_size: Optional[int] = None):
+    """Fraction of masked tokens whose argmax over the (cut) vocab is the label.
+
+    Invalid labels simply count as wrong. Returns a float32 scalar (0 when no
+    token is masked in).
+    """
+    logits_xV = _cut_one(logits, vocab_size)
+    mask_x = _check_mask(mask, logits_xV.shape[:-1])
+    _, valid_x = _label_logits(logits_xV, labels)
+    pred_x = jnp.argmax(logits_xV, axis=-1)
+    correct_x = (pred_x == jnp.asarray(labels)) & valid_x
+    return _masked_mean(correct_x.astype(jnp.float32), mask_x)
