@@ -1,0 +1,41 @@
+"""The optax chain and learning-rate schedules, from `config.optimizer`."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine or linear decay to `lr * min_lr_ratio` at `total_steps`."""
+  lr, warmup = float(opt_cfg.lr), int(opt_cfg.warmup_steps)
+  end = lr * float(opt_cfg.min_lr_ratio)
+  if opt_cfg.schedule not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule={opt_cfg.schedule!r}: expected one of {SCHEDULES}")
+  if opt_cfg.schedule == "constant":
+    decay = optax.constant_schedule(lr)
+  elif opt_cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup), alpha=end / lr if lr else 0.0)
+  else:
+    decay = optax.linear_schedule(lr, end, max(1, total_steps - warmup))
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+  """Weight decay on matrices (kernels and embeddings) only, not on norms or biases."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: str(getattr(path[-1], "key", path[-1])) in ("kernel", "embedding"), params)
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  lr = schedule(opt_cfg, total_steps)
+  chain = []
+  if opt_cfg.clip_norm and opt_cfg.clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(float(opt_cfg.clip_norm)))
+  chain.append(optax.adamw(lr, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps),
+                           weight_decay=float(opt_cfg.weight_decay), mask=decay_mask))
+  return optax.chain(*chain), lr

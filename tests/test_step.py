@@ -1,0 +1,148 @@
+"""The train step: teacher untouched, accumulation = full batch, sharded = unsharded, SFT has no teacher."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxkd import optim, sharding, step as step_lib
+from jaxkd.models import ModelConfig, Transformer
+
+V = 61
+STUDENT = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64, qkv_bias=True,
+                      tie_embeddings=True)
+TEACHER = ModelConfig(model_type="llama", vocab_size=72, hidden_size=48, intermediate_size=96, num_layers=3,
+                      num_heads=4, num_kv_heads=4, head_dim=12, max_position_embeddings=64)
+
+
+def _opt_cfg(**kw):
+  c = ml_collections.ConfigDict(dict(lr=1e-2, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1,
+                                     weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))
+  c.update(kw)
+  return c
+
+
+def _batch(seed, rows=8, t=16):
+  rng = np.random.RandomState(seed)
+  ids = rng.randint(0, V, (rows, t)).astype(np.int32)
+  seg = np.ones((rows, t), np.int32)
+  seg[:, t // 2:] = 2  # two documents per row
+  seg[0, -3:] = 0  # some padding
+  pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(rows, 0).astype(np.int32)
+  targets = np.roll(ids, -1, axis=1)
+  mask = (rng.rand(rows, t) < 0.7).astype(np.float32) * (seg > 0)
+  mask[:, t // 2 - 1] = 0  # no target across the document boundary
+  mask[:, -1] = 0
+  return {"input_ids": ids, "targets": targets, "loss_mask": mask, "segment_ids": seg, "positions": pos}
+
+
+def _setup(lc, mesh=None, steps=3):
+  student = Transformer(STUDENT, rngs=nnx.Rngs(0))
+  teacher = Transformer(TEACHER, param_dtype=jnp.float32, rngs=nnx.Rngs(1)) if lc.uses_teacher else None
+  optimizer, lr = optim.make_optimizer(_opt_cfg(), steps)
+  s_def, s_state = nnx.split(student)
+  params = nnx.to_pure_dict(s_state)
+  t_def, t_params = (nnx.split(teacher)[0], nnx.to_pure_dict(nnx.state(teacher))) if teacher else (None, None)
+  kw = {}
+  if mesh is not None:
+    param_sh = step_lib.module_shardings(mesh, student)
+    opt_sh = step_lib.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    kw = dict(state_shardings=step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh),
+              teacher_shardings=step_lib.module_shardings(mesh, teacher) if teacher else None,
+              batch_shardings=step_lib.batch_shardings(mesh, step_lib.STUDENT_KEYS))
+    params = jax.device_put(params, param_sh)
+    if teacher:
+      t_params = jax.device_put(t_params, kw["teacher_shardings"])
+  state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
+  fn = step_lib.make_train_step(s_def, t_def, optimizer, lr, lc, **kw)
+  return fn, state, t_params
+
+
+def _run(lc, mesh=None, steps=3):
+  fn, state, t_params = _setup(lc, mesh, steps)
+  history = []
+  for i in range(steps):
+    if mesh is not None:
+      with jax.set_mesh(mesh):
+        state, m = fn(state, t_params, _batch(i))
+    else:
+      state, m = fn(state, t_params, _batch(i))
+    history.append(jax.device_get(m))
+  return jax.device_get(state.params), history
+
+
+LC = step_lib.LossConfig(alpha=0.5, temperature=2.0, vocab_size=V, fused=False)
+
+
+def test_teacher_parameters_bitwise_unchanged():
+  fn, state, t_params = _setup(LC)
+  before = jax.tree.map(np.array, t_params)
+  for i in range(2):
+    state, _ = fn(state, t_params, _batch(i))
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, t_params))
+
+
+def test_loss_is_the_weighted_mix_and_falls():
+  _, hist = _run(LC, steps=6)
+  for m in hist:
+    np.testing.assert_allclose(m["loss"], 0.5 * m["kd"] + 0.5 * m["ce"], rtol=1e-5)
+  assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_accumulation_equals_full_batch():
+  full, h1 = _run(LC)
+  accum, h4 = _run(step_lib.LossConfig(**{**LC.__dict__, "micro_batches": 4}))
+  for a, b in zip(h1, h4):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
+  # Adam divides by sqrt(v), so float summation-order differences of ~1e-7 in a near-zero gradient
+  # can move a parameter by ~1e-6 after a few lr=1e-2 steps: 1e-5 is 0.1% of one step.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), full, accum)
+
+
+def test_eight_devices_fsdp_and_tensor_match_one_device():
+  one, h1 = _run(LC)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+  eight, h8 = _run(LC, mesh=mesh)
+  for a, b in zip(h1, h8):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), one, eight)
+
+
+def test_sft_compiles_no_teacher():
+  lc = step_lib.LossConfig(alpha=0.0, vocab_size=V, fused=False)
+  fn, state, t_params = _setup(lc)
+  assert t_params is None  # there is nothing to pass: the step cannot run a teacher
+  hlo = fn.lower(state, None, _batch(0)).as_text()
+  with_teacher, st2, tp2 = _setup(LC)
+  hlo_kd = with_teacher.lower(st2, tp2, _batch(0)).as_text()
+  # The teacher's 48-wide hidden states appear only in the distillation step.
+  teacher_shape = re.compile(r"(tensor<|x)48x")
+  assert teacher_shape.search(hlo_kd) and not teacher_shape.search(hlo)
+  _, hist = _run(lc, steps=2)
+  assert "kd" not in hist[0] and math.isfinite(hist[0]["ce"])
+
+
+def test_schedule_warmup_then_cosine():
+  cfg = _opt_cfg(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+  lr = optim.schedule(cfg, 14)
+  np.testing.assert_allclose([lr(0), lr(2), lr(4)], [0.0, 0.5, 1.0], atol=1e-7)
+  for s in (6, 9, 14):
+    frac = (s - 4) / 10
+    np.testing.assert_allclose(lr(s), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)), atol=1e-6)
+  lin = optim.schedule(_opt_cfg(lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0), 10)
+  np.testing.assert_allclose([lin(0), lin(5), lin(10)], [1.0, 0.5, 0.0], atol=1e-7)
+
+
+def test_weight_decay_only_on_matrices():
+  params = nnx.to_pure_dict(nnx.state(Transformer(STUDENT, rngs=nnx.Rngs(0))))
+  mask = optim.decay_mask(params)
+  assert mask["layers"]["self_attn"]["q_proj"]["kernel"] and not mask["layers"]["self_attn"]["q_proj"]["bias"]
+  assert not mask["layers"]["input_layernorm"]["scale"] and mask["embed_tokens"]["embedding"]
