@@ -1,8 +1,8 @@
 """Hugging Face folders in and out: config.json + safetensors -> sharded `Transformer`, and back.
 
 Loading builds the model abstractly (`nnx.eval_shape`, nothing allocated), then creates each parameter
-with `jax.make_array_from_callback`: every device shard is sliced straight out of the memory-mapped
-safetensors files, transposed and cast, so the model is never held whole twice in host memory. Every
+with `jax.make_array_from_callback`: every device shard is read straight from the safetensors files
+(only the rows it needs), transposed and cast, so the model is never held whole twice in host memory. Every
 tensor name and shape is checked against the config before any weight is read; pickle files are never
 opened and remote code is never run.
 """
@@ -221,8 +221,13 @@ def load_params(model, folder: str, *, mesh: Mesh | None = None) -> None:
       for pos, idx in zip(itertools.product(*(range(len(r)) for r in stack_ranges)),
                           itertools.product(*stack_ranges)):
         name = template.format(**dict(zip(keys, idx)))
-        view = readers[files[name]].get(name)
-        out[pos] = (view.T if transpose else view)[inner]
+        reader = readers[files[name]]
+        if transpose:  # HF [out, in]: read only our `out` columns' rows
+          rows = reader.read(name, inner[1] if len(inner) > 1 else slice(None))
+          out[pos] = rows.T[inner[0]]
+        else:
+          rows = reader.read(name, inner[0] if inner else slice(None))
+          out[pos] = rows[(slice(None),) + tuple(inner[1:])]
       return out
 
     var.set_value(jax.make_array_from_callback(shape, sharding, shard))

@@ -1,8 +1,8 @@
-"""Reading and writing the safetensors format with NumPy memory maps.
+"""Reading and writing the safetensors format with plain file reads.
 
 Why not the `safetensors` package: its NumPy API has no bfloat16, and its Flax API copies whole tensors
-onto a device. A memory map gives zero-copy views of any dtype, so the loader can slice out exactly the
-shard each device needs, and the header can be checked against the file size to name a truncated file.
+onto a device. Reading the bytes ourselves handles every dtype (via ml_dtypes), reads only the row range
+a device shard needs, and checks the header against the file size so a truncated file is named.
 The format is small: an 8-byte little-endian header length, a JSON header, then the raw tensor bytes.
 """
 
@@ -28,7 +28,7 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile:
-  """Lazy, zero-copy access to the tensors of one .safetensors file."""
+  """The header of one .safetensors file, checked, and reads of (row ranges of) its tensors."""
 
   def __init__(self, path: str):
     self.path = path
@@ -59,7 +59,6 @@ class SafetensorsFile:
       if end - begin != int(np.prod(shape)) * dtype.itemsize:
         raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes, not what shape {shape} needs")
       self._entries[name] = (dtype, shape, 8 + n + begin)
-    self._mmap = None
 
   def names(self):
     return list(self._entries)
@@ -67,13 +66,25 @@ class SafetensorsFile:
   def shape(self, name: str) -> tuple[int, ...]:
     return self._entries[name][1]
 
-  def get(self, name: str) -> np.ndarray:
-    """A read-only memory-mapped view; nothing is read until it is indexed."""
+  def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+    """Reads tensor `name` (only the leading-axis range `rows`) into a fresh array.
+
+    Plain reads rather than a memory map: mapped file pages would count in the process's resident
+    memory until unmapped, doubling the apparent footprint of a load.
+    """
     dtype, shape, offset = self._entries[name]
-    if self._mmap is None:
-      self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-    count = int(np.prod(shape))
-    return self._mmap[offset:offset + count * dtype.itemsize].view(dtype).reshape(shape)
+    if not shape:
+      rows = slice(None)
+    start, stop, step = rows.indices(shape[0]) if shape else (0, 1, 1)
+    if step != 1:
+      return self.read(name)[rows]
+    row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+    out = np.empty((max(stop - start, 0), *shape[1:]) if shape else (), dtype)
+    with open(self.path, "rb") as f:
+      f.seek(offset + start * row_bytes)
+      if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+        raise CheckpointError(f"{self.path}: short read of tensor {name}; the file is truncated, re-download it")
+    return out
 
 
 def write_file(path: str, specs, arrays, metadata: dict[str, str] | None = None) -> None:
