@@ -26,6 +26,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
     "heads": None,  # per-head norm weights: tiny, replicated
     "head_dim": None,
+    "teacher_embed": "tensor",  # output width of the hidden-state projection
     # activations
     "act_batch": ("data", "fsdp"),
     "act_seq": None,

@@ -1,8 +1,9 @@
 """The pure train and eval steps, and the shardings they are compiled with.
 
 `make_train_step` returns one jitted function: student forward, teacher forward under `stop_gradient`,
-the combined loss `alpha * KD + (1 - alpha) * CE`, the gradient (accumulated over micro-batches and
-normalised by the real token count, so it equals the full-batch gradient), and the optimizer update.
+the combined loss `hidden_weight * hidden + alpha * KD + (1 - alpha) * CE`, the gradient (accumulated
+over micro-batches, each normalised by the whole batch's real token count, so it equals the full-batch
+gradient), and the optimizer update.
 Student parameters and optimizer state are donated; the teacher's parameters are an ordinary input that
 is never donated nor differentiated. With alpha = 0 no teacher forward is traced at all.
 
@@ -22,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxkd import losses
+from jaxkd import hidden, losses
 from jaxkd import sharding as shd
 
 BATCH_SPEC = P(("data", "fsdp"), None)
@@ -31,10 +32,13 @@ STUDENT_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Static settings of the objective (hashable: they are baked into the compiled step)."""
+  """Static settings of the objective (hashable: they are baked into the compiled step).
+
+  loss = hidden_weight * hidden + alpha * KD + (1 - alpha) * CE, where kind="hidden" means no logit KD.
+  """
 
   alpha: float = 0.5
-  kind: str = "forward_kl"
+  kind: str = "forward_kl"  # a losses.KD_KINDS entry, or "hidden" for no logit distillation
   temperature: float = 1.0
   beta: float = 0.5
   skew: float = 0.1
@@ -43,16 +47,37 @@ class LossConfig:
   fused: bool = True
   chunk_size: int = 1024
   micro_batches: int = 1
+  hidden_weight: float = 0.0
+  hidden_loss: str = "mse"
+  hidden_layer_norm: bool = False
+  layer_pairs: tuple[tuple[int, int], ...] = ()
+  cross_tokenizer: bool = False  # the teacher reads its own tokens; hidden states meet at aligned positions
+
+  @property
+  def logit_kd(self) -> bool:
+    return self.alpha > 0 and self.kind != "hidden"
+
+  @property
+  def uses_hidden(self) -> bool:
+    return self.hidden_weight > 0
 
   @property
   def uses_teacher(self) -> bool:
-    return self.alpha > 0
+    return self.logit_kd or self.uses_hidden
+
+  def batch_keys(self) -> tuple[str, ...]:
+    extra = TEACHER_KEYS if self.cross_tokenizer and self.uses_teacher else ()
+    return STUDENT_KEYS + extra
+
+
+TEACHER_KEYS = ("teacher_input_ids", "teacher_segment_ids", "teacher_positions", "align_student", "align_teacher",
+                "align_mask")
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any  # nested dict of the student's parameters
+  params: Any  # {"student": nested dict, "projector": nested dict (hidden distillation, widths differ)}
   opt_state: Any
 
 
@@ -70,53 +95,104 @@ def _materialised_sums(s_hidden_NxD, s_head_DxV, labels_N, mask_N, t_hidden_NxD,
   ce_N = -jnp.take_along_axis(logp_NxV, labels_N[:, None], axis=-1)[:, 0]
   aux = {"ce_sum": jnp.sum(jnp.where(keep_N, ce_N, 0.0)), "count": jnp.sum(keep_N, dtype=jnp.float32),
          "correct_sum": jnp.sum(keep_N & (jnp.argmax(s_logits_NxV, -1) == labels_N), dtype=jnp.float32)}
-  total = (1.0 - lc.alpha) * aux["ce_sum"]
-  if t_hidden_NxD is not None:
-    t_logits_NxV = jnp.dot(t_hidden_NxD, t_head_DxV, preferred_element_type=jnp.float32)
-    if lc.vocab_size is not None:
-      t_logits_NxV = t_logits_NxV[:, :lc.vocab_size]
-    d_N = losses.per_token_divergence(s_logits_NxV, t_logits_NxV, kind=lc.kind, temperature=lc.temperature,
-                                      beta=lc.beta, skew=lc.skew, teacher_top_k=lc.teacher_top_k)
-    kl1_N = losses.per_token_divergence(s_logits_NxV, t_logits_NxV, kind="forward_kl")
-    t_ce_N = -jnp.take_along_axis(jax.nn.log_softmax(t_logits_NxV), labels_N[:, None], axis=-1)[:, 0]
-    aux.update(
-        kd_sum=lc.temperature ** 2 * jnp.sum(jnp.where(keep_N, d_N, 0.0)),
-        kl1_sum=jnp.sum(jnp.where(keep_N, kl1_N, 0.0)),
-        teacher_ce_sum=jnp.sum(jnp.where(keep_N, t_ce_N, 0.0)),
-        agree_sum=jnp.sum(keep_N & (jnp.argmax(s_logits_NxV, -1) == jnp.argmax(t_logits_NxV, -1)),
-                          dtype=jnp.float32))
-    total = total + lc.alpha * aux["kd_sum"]
+  if t_hidden_NxD is None:
+    return aux["ce_sum"], jax.lax.stop_gradient(aux)
+  t_logits_NxV = jnp.dot(t_hidden_NxD, t_head_DxV, preferred_element_type=jnp.float32)
+  if lc.vocab_size is not None:
+    t_logits_NxV = t_logits_NxV[:, :lc.vocab_size]
+  d_N = losses.per_token_divergence(s_logits_NxV, t_logits_NxV, kind=lc.kind, temperature=lc.temperature,
+                                    beta=lc.beta, skew=lc.skew, teacher_top_k=lc.teacher_top_k)
+  kl1_N = losses.per_token_divergence(s_logits_NxV, t_logits_NxV, kind="forward_kl")
+  t_ce_N = -jnp.take_along_axis(jax.nn.log_softmax(t_logits_NxV), labels_N[:, None], axis=-1)[:, 0]
+  aux.update(
+      kd_sum=lc.temperature ** 2 * jnp.sum(jnp.where(keep_N, d_N, 0.0)),
+      kl1_sum=jnp.sum(jnp.where(keep_N, kl1_N, 0.0)),
+      teacher_ce_sum=jnp.sum(jnp.where(keep_N, t_ce_N, 0.0)),
+      agree_sum=jnp.sum(keep_N & (jnp.argmax(s_logits_NxV, -1) == jnp.argmax(t_logits_NxV, -1)),
+                        dtype=jnp.float32))
+  total = lc.alpha * aux["kd_sum"] + (1.0 - lc.alpha) * aux["ce_sum"]
   return total, jax.lax.stop_gradient(aux)
 
 
-def loss_sums(student, teacher, batch: dict, lc: LossConfig):
-  """(weighted loss summed over the batch's trained tokens, aux sums) for one micro-batch."""
-  kw = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], compute_logits=False)
+def hidden_mask(batch: dict, lc: LossConfig) -> jax.Array:
+  """Positions the hidden loss averages over: trained tokens, or aligned pairs across tokenizers."""
+  return batch["align_mask"] if lc.cross_tokenizer else batch["loss_mask"]
+
+
+def _hidden_sum(s_out, t_out, projector, batch, lc: LossConfig):
+  s_idx = jnp.array([p[0] for p in lc.layer_pairs])
+  t_idx = jnp.array([p[1] for p in lc.layer_pairs])
+  s_PxBxTxD, t_PxBxTxD = s_out.hidden_states[s_idx], t_out.hidden_states[t_idx]
+  if lc.cross_tokenizer:  # compare only where a student and a teacher token end at the same character
+    take = jax.vmap(lambda h_BxTxD, idx_BxA: jnp.take_along_axis(h_BxTxD, idx_BxA[..., None], axis=1),
+                    in_axes=(0, None))
+    s_PxBxTxD = take(s_PxBxTxD, batch["align_student"])
+    t_PxBxTxD = take(t_PxBxTxD, batch["align_teacher"])
+  p = len(lc.layer_pairs)
+  s_PxNxD = s_PxBxTxD.reshape(p, -1, s_PxBxTxD.shape[-1])
+  t_PxNxD = t_PxBxTxD.reshape(p, -1, t_PxBxTxD.shape[-1])
+  if projector is not None:
+    s_PxNxD = projector(s_PxNxD)
+  mask_N = hidden_mask(batch, lc).reshape(-1)
+  return hidden.hidden_loss_sum(s_PxNxD, t_PxNxD, mask_N, loss=lc.hidden_loss, layer_norm=lc.hidden_layer_norm)
+
+
+def objective(student, projector, teacher, batch: dict, lc: LossConfig, n_tokens, n_hidden):
+  """(loss of this (micro-)batch, aux sums); `n_tokens`, `n_hidden` are the whole batch's counts, so the
+  losses of micro-batches add up to the loss of the batch."""
+  kw = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], compute_logits=False,
+            output_hidden_states=lc.uses_hidden)
   s_out = student.forward(batch["input_ids"], **kw)
-  d_s = s_out.last_hidden.shape[-1]
-  s_hidden_NxD = s_out.last_hidden.reshape(-1, d_s)
   labels_N = batch["targets"].reshape(-1).astype(jnp.int32)
   mask_N = batch["loss_mask"].reshape(-1).astype(jnp.float32)
-  t_hidden_NxD = t_head = None
+  s_hidden_NxD = s_out.last_hidden.reshape(-1, s_out.last_hidden.shape[-1])
+  t_out = t_hidden_NxD = t_head = None
   if lc.uses_teacher:
-    t_out = teacher.forward(batch["input_ids"], **kw)
-    t_hidden_NxD = jax.lax.stop_gradient(t_out.last_hidden.reshape(-1, t_out.last_hidden.shape[-1]))
+    if lc.cross_tokenizer:
+      t_kw = dict(segment_ids=batch["teacher_segment_ids"], positions=batch["teacher_positions"])
+      t_out = teacher.forward(batch["teacher_input_ids"], compute_logits=False,
+                              output_hidden_states=lc.uses_hidden, **t_kw)
+    else:
+      t_out = teacher.forward(batch["input_ids"], **kw)
+    t_out = jax.lax.stop_gradient(t_out)
+  if lc.logit_kd:
+    t_hidden_NxD = t_out.last_hidden.reshape(-1, t_out.last_hidden.shape[-1])
     t_head = jax.lax.stop_gradient(teacher.head_kernel())
-  if not lc.fused:
-    return _materialised_sums(s_hidden_NxD, student.head_kernel(), labels_N, mask_N, t_hidden_NxD, t_head, lc)
-  return losses.fused_distill_sums(
-      s_hidden_NxD, student.head_kernel(), labels_N, mask_N, t_hidden_NxD, t_head, alpha=lc.alpha,
-      kind=lc.kind, temperature=lc.temperature, beta=lc.beta, skew=lc.skew, vocab_size=lc.vocab_size,
-      teacher_top_k=lc.teacher_top_k, chunk_size=lc.chunk_size)
+  if lc.fused:
+    token_sum, aux = losses.fused_distill_sums(
+        s_hidden_NxD, student.head_kernel(), labels_N, mask_N, t_hidden_NxD, t_head,
+        alpha=lc.alpha if lc.logit_kd else 0.0, kind=lc.kind if lc.logit_kd else "forward_kl",
+        temperature=lc.temperature, beta=lc.beta, skew=lc.skew, vocab_size=lc.vocab_size,
+        teacher_top_k=lc.teacher_top_k, chunk_size=lc.chunk_size)
+  else:
+    token_sum, aux = _materialised_sums(s_hidden_NxD, student.head_kernel(), labels_N, mask_N, t_hidden_NxD,
+                                        t_head, lc)
+  if not lc.logit_kd:  # CE alone here; its weight is 1 - alpha (1 for SFT, where alpha = 0)
+    token_sum = (1.0 - lc.alpha) * token_sum
+  loss = token_sum / n_tokens
+  if lc.uses_hidden:
+    h_sum = _hidden_sum(s_out, t_out, projector, batch, lc)
+    aux = {**aux, "hidden_sum": jax.lax.stop_gradient(h_sum)}
+    loss = loss + lc.hidden_weight * h_sum / (n_hidden * len(lc.layer_pairs))
+  return loss, aux
 
 
-def metrics_from_sums(total, aux) -> dict:
+def batch_counts(batch: dict, lc: LossConfig):
+  n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"] > 0, dtype=jnp.float32), 1.0)
+  n_hidden = jnp.maximum(jnp.sum(hidden_mask(batch, lc) > 0, dtype=jnp.float32), 1.0) if lc.uses_hidden \
+      else jnp.float32(1.0)
+  return n_tokens, n_hidden
+
+
+def metrics_from_sums(aux, lc: LossConfig, n_hidden=None) -> dict:
+  """Per-token means of the aux sums (over a step or a whole evaluation)."""
   count = jnp.maximum(aux["count"], 1.0)
-  out = {"loss": total / count, "ce": aux["ce_sum"] / count, "accuracy": aux["correct_sum"] / count,
-         "tokens": aux["count"]}
+  out = {"ce": aux["ce_sum"] / count, "accuracy": aux["correct_sum"] / count, "tokens": aux["count"]}
   if "kd_sum" in aux:
     out.update(kd=aux["kd_sum"] / count, kl_t1=aux["kl1_sum"] / count, teacher_ce=aux["teacher_ce_sum"] / count,
                agreement=aux["agree_sum"] / count)
+  if "hidden_sum" in aux and n_hidden is not None:
+    out["hidden"] = aux["hidden_sum"] / (jnp.maximum(n_hidden, 1.0) * len(lc.layer_pairs))
   return out
 
 
@@ -135,57 +211,63 @@ def _split_micro(batch: dict, n: int) -> dict:
   return jax.tree.map(one, batch)
 
 
+def _modules(student_def, projector_def, teacher_def, params, teacher_params, lc):
+  student = nnx.merge(student_def, params["student"])
+  projector = nnx.merge(projector_def, params["projector"]) if projector_def is not None else None
+  teacher = nnx.merge(teacher_def, teacher_params) if lc.uses_teacher else None
+  return student, projector, teacher
+
+
 def make_train_step(student_def, teacher_def, optimizer: optax.GradientTransformation, lr_schedule,
-                    lc: LossConfig, *, state_shardings=None, teacher_shardings=None, batch_shardings=None):
+                    lc: LossConfig, *, projector_def=None, state_shardings=None, teacher_shardings=None,
+                    batch_shardings=None):
   """The jitted `train_step(state, teacher_params, batch) -> (state, metrics)`."""
 
-  def loss_fn(params, teacher_params, micro):
-    student = nnx.merge(student_def, params)
-    teacher = nnx.merge(teacher_def, teacher_params) if lc.uses_teacher else None
-    return loss_sums(student, teacher, micro, lc)
+  def loss_fn(params, teacher_params, micro, n_tokens, n_hidden):
+    student, projector, teacher = _modules(student_def, projector_def, teacher_def, params, teacher_params, lc)
+    return objective(student, projector, teacher, micro, lc, n_tokens, n_hidden)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state: TrainState, teacher_params, batch):
+    n_tokens, n_hidden = batch_counts(batch, lc)
     if lc.micro_batches == 1:
-      (total, aux), grads = grad_fn(state.params, teacher_params, batch)
-      grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+      (loss, aux), grads = grad_fn(state.params, teacher_params, batch, n_tokens, n_hidden)
     else:
       micro = _split_micro(batch, lc.micro_batches)
       first = jax.tree.map(lambda x: x[0], micro)
-      aux_shape = jax.eval_shape(lambda: loss_fn(state.params, teacher_params, first)[1])
+      aux_shape = jax.eval_shape(lambda: loss_fn(state.params, teacher_params, first, n_tokens, n_hidden)[1])
       zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params), jnp.float32(0),
                jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape))
 
       def accumulate(carry, mb):
-        (t, a), g = grad_fn(state.params, teacher_params, mb)
-        acc_g, acc_t, acc_a = carry
-        return (jax.tree.map(lambda x, y: x + y.astype(jnp.float32), acc_g, g), acc_t + t,
+        (l, a), g = grad_fn(state.params, teacher_params, mb, n_tokens, n_hidden)
+        acc_g, acc_l, acc_a = carry
+        return (jax.tree.map(lambda x, y: x + y.astype(jnp.float32), acc_g, g), acc_l + l,
                 jax.tree.map(jnp.add, acc_a, a)), None
 
-      (grads, total, aux), _ = jax.lax.scan(accumulate, zeros, micro)
-    # Sum over tokens / real token count: the mean-loss gradient of the whole batch, however it is split.
-    count = jnp.maximum(aux["count"], 1.0)
-    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
+      (grads, loss, aux), _ = jax.lax.scan(accumulate, zeros, micro)
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = metrics_from_sums(total, aux)
-    metrics.update(grad_norm=grad_norm, lr=lr_schedule(state.step))
+    metrics = {"loss": loss, **metrics_from_sums(aux, lc, n_hidden), "grad_norm": grad_norm,
+               "lr": lr_schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return jax.jit(train_step, in_shardings=(state_shardings, teacher_shardings, batch_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def make_eval_step(student_def, teacher_def, lc: LossConfig, *, param_shardings=None, teacher_shardings=None,
-                   batch_shardings=None):
-  """The jitted `eval_step(params, teacher_params, batch) -> (total, aux)` sums, for held-out metrics."""
+def make_eval_step(student_def, teacher_def, lc: LossConfig, *, projector_def=None, param_shardings=None,
+                   teacher_shardings=None, batch_shardings=None):
+  """The jitted `eval_step(params, teacher_params, batch) -> aux sums` (with "hidden_count"), to add up."""
 
   def eval_step(params, teacher_params, batch):
-    student = nnx.merge(student_def, params)
-    teacher = nnx.merge(teacher_def, teacher_params) if lc.uses_teacher else None
-    return loss_sums(student, teacher, batch, lc)
+    student, projector, teacher = _modules(student_def, projector_def, teacher_def, params, teacher_params, lc)
+    _, n_hidden = batch_counts(batch, lc)
+    _, aux = objective(student, projector, teacher, batch, lc, jnp.float32(1), n_hidden)
+    return {**aux, "hidden_count": jnp.sum(hidden_mask(batch, lc) > 0, dtype=jnp.float32)}
 
   return jax.jit(eval_step, in_shardings=(param_shardings, teacher_shardings, batch_shardings))
 
@@ -228,4 +310,5 @@ def opt_state_shardings(mesh: Mesh, abstract_opt_state, param_sh: dict):
 
 
 def batch_shardings(mesh: Mesh, keys) -> dict:
+  """Every batch array is split over its rows."""
   return {k: NamedSharding(mesh, BATCH_SPEC) for k in keys}

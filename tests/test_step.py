@@ -47,11 +47,11 @@ def _setup(lc, mesh=None, steps=3):
   teacher = Transformer(TEACHER, param_dtype=jnp.float32, rngs=nnx.Rngs(1)) if lc.uses_teacher else None
   optimizer, lr = optim.make_optimizer(_opt_cfg(), steps)
   s_def, s_state = nnx.split(student)
-  params = nnx.to_pure_dict(s_state)
+  params = {"student": nnx.to_pure_dict(s_state)}
   t_def, t_params = (nnx.split(teacher)[0], nnx.to_pure_dict(nnx.state(teacher))) if teacher else (None, None)
   kw = {}
   if mesh is not None:
-    param_sh = step_lib.module_shardings(mesh, student)
+    param_sh = {"student": step_lib.module_shardings(mesh, student)}
     opt_sh = step_lib.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     kw = dict(state_shardings=step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh),
@@ -75,7 +75,7 @@ def _run(lc, mesh=None, steps=3):
     else:
       state, m = fn(state, t_params, _batch(i))
     history.append(jax.device_get(m))
-  return jax.device_get(state.params), history
+  return jax.device_get(state.params["student"]), history
 
 
 LC = step_lib.LossConfig(alpha=0.5, temperature=2.0, vocab_size=V, fused=False)
