@@ -1,0 +1,130 @@
+"""Every config key with its default and meaning, and the start-of-run checks of their values.
+
+Config files in `configs/` start from `base_config()` and change what their experiment needs; the
+returned ConfigDict is locked, so a misspelt `--config.key=value` override fails instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxkd import hidden, losses
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = "workdir/run"
+  c.steps = 100
+  c.seed = 0
+  c.log_every = 1
+  c.checkpoint_every = 50  # and always at the end
+  c.max_to_keep = 3
+  c.eval_every = 0  # 0: only at the end (held-out data: data.eval_fraction / data.eval_split, data.eval_batches)
+  c.overwrite = False  # True: start afresh in a workdir that holds a run of a different config
+
+  c.student = ml_collections.ConfigDict()
+  c.student.path = ""  # HF folder, hub id, or tiny:NAME
+  c.student.tokenizer = ""  # default: the student's folder
+  c.student.param_dtype = "float32"  # master weights
+  c.student.compute_dtype = "bfloat16"
+  c.student.remat = "none"  # none | full | dots | dots_no_batch
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.path = ""
+  c.teacher.tokenizer = ""
+  c.teacher.dtype = "bfloat16"  # parameters and compute
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.kind = "forward_kl"  # forward_kl | reverse_kl | jsd | tvd | skew_kl
+  c.distill.alpha = 0.5  # loss = alpha * KD + (1 - alpha) * CE; 0 = plain SFT (no teacher)
+  c.distill.temperature = 2.0
+  c.distill.beta = 0.5  # jsd mixture weight
+  c.distill.skew = 0.1  # skew_kl mixture weight
+  c.distill.teacher_top_k = ml_collections.FieldReference(None, field_type=int)
+  c.distill.vocab_size = ml_collections.FieldReference(None, field_type=int)  # default: the tokenizer's size
+  c.distill.fused = True  # chunked loss that never builds [tokens, vocab] logits
+  c.distill.chunk_size = 1024
+  # Hidden-state distillation: loss = hidden.weight * hidden + alpha * KD + (1 - alpha) * CE. With
+  # distill.kind = "hidden" there is no logit term (the only choice when the tokenizers differ).
+  c.distill.hidden = ml_collections.ConfigDict()
+  c.distill.hidden.weight = 0.0  # 0: off
+  c.distill.hidden.loss = "mse"  # mse | cosine
+  c.distill.hidden.layer_norm = False  # normalise both hidden states (no parameters) before the loss
+  # [[student, teacher], ...] hidden-state indices (0 = embeddings, L = last layer); None: every student
+  # layer paired with the evenly spaced teacher layer, last with last.
+  c.distill.hidden.layer_map = ml_collections.FieldReference(None, field_type=list)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-4
+  c.optimizer.schedule = "cosine"  # cosine | linear | constant
+  c.optimizer.warmup_steps = 10
+  c.optimizer.min_lr_ratio = 0.1
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.clip_norm = 1.0
+  c.optimizer.micro_batches = 1  # gradient accumulation inside the step
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # -1: all remaining devices
+  c.mesh.tensor = 1
+
+  from jaxkd import data  # pylint: disable=import-outside-toplevel
+  c.data = data.default_data_config()
+  with c.data.unlocked():
+    c.data.seq_len = 256  # tokens per packed row
+    c.data.batch_size = 8  # rows per step, over all processes
+
+  c.export = ml_collections.ConfigDict()
+  c.export.enabled = True
+  c.export.dtype = "bfloat16"
+  return c
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+def validate(c) -> None:
+  """Start-of-run checks that need no model or data (those come when they are loaded)."""
+  def need(ok, key, msg):
+    if not ok:
+      raise ConfigError(f"config.{key}={_get(c, key)!r}: {msg}")
+
+  need(0.0 <= c.distill.alpha <= 1.0, "distill.alpha", "must be in [0, 1] (0 = SFT only, 1 = KD only)")
+  need(c.distill.temperature > 0, "distill.temperature", "must be > 0 (1.0 = plain softmax)")
+  kinds = (*losses.KD_KINDS, "hidden")
+  need(c.distill.kind in kinds, "distill.kind", f"unknown; use one of {', '.join(kinds)}")
+  need(c.distill.hidden.weight >= 0, "distill.hidden.weight", "must be >= 0 (0 turns it off)")
+  need(c.distill.hidden.loss in hidden.LOSSES, "distill.hidden.loss", f"use one of {hidden.LOSSES}")
+  if c.distill.kind == "hidden":
+    need(c.distill.hidden.weight > 0, "distill.hidden.weight",
+         'must be > 0 with distill.kind="hidden" (it is the only distillation term)')
+  if c.distill.kind == "jsd":
+    need(0 < c.distill.beta < 1, "distill.beta", "jsd needs 0 < beta < 1")
+  if c.distill.kind == "skew_kl":
+    need(0 <= c.distill.skew < 1, "distill.skew", "skew_kl needs 0 <= skew < 1")
+  if c.distill.teacher_top_k is not None:
+    need(c.distill.teacher_top_k >= 1, "distill.teacher_top_k", "must be >= 1 or None")
+    need(c.distill.kind != "reverse_kl", "distill.teacher_top_k",
+         "cannot be used with reverse_kl (the truncated teacher makes it infinite)")
+  need(c.steps >= 1, "steps", "must be >= 1")
+  need(c.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+  need(c.distill.chunk_size >= 1, "distill.chunk_size", "must be >= 1")
+  need(c.optimizer.micro_batches >= 1, "optimizer.micro_batches", "must be >= 1")
+  need(c.data.batch_size % c.optimizer.micro_batches == 0, "data.batch_size",
+       f"must be divisible by optimizer.micro_batches={c.optimizer.micro_batches}")
+  need(c.optimizer.lr >= 0, "optimizer.lr", "must be >= 0")
+  need(c.data.seq_len >= 2, "data.seq_len", "must be >= 2")
+  need(bool(c.student.path), "student.path", "is empty; set it to an HF folder, a hub id or tiny:student")
+  if (c.distill.alpha > 0 and c.distill.kind != "hidden") or c.distill.hidden.weight > 0:
+    need(bool(c.teacher.path), "teacher.path", "is empty but distillation needs a teacher "
+         "(or set distill.alpha=0 and distill.hidden.weight=0 for plain SFT)")
+
+
+def _get(c, dotted: str):
+  for part in dotted.split("."):
+    c = c[part]
+  return c

@@ -1,0 +1,59 @@
+"""Tiny randomly initialised models on the bundled tokenizer, built on first use into a cache folder.
+
+A config names them as `tiny:NAME` wherever it takes a model path. Their embedding tables are padded
+past the tokenizer (like Qwen2's 151936/152064 rows), so the tiny runs exercise the vocabulary cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+TOKENIZER_DIR = os.path.join(ASSETS, "tokenizer")
+
+_QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
+          "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "use_sliding_window": False,
+          "attention_dropout": 0.0, "initializer_range": 0.02}
+
+TINY_CONFIGS = {
+    "teacher": {**_QWEN2, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 832, "tie_word_embeddings": False},
+    "student": {**_QWEN2, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 800, "tie_word_embeddings": True},
+}
+
+
+def cache_root() -> str:
+  return os.environ.get("JAXKD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxkd"))
+
+
+def resolve(path: str, *, seed: int = 0) -> str:
+  """`tiny:NAME` -> a folder holding that model (built if missing); any other path unchanged."""
+  if not path.startswith("tiny:"):
+    return path
+  name = path[len("tiny:"):]
+  if name not in TINY_CONFIGS:
+    raise ValueError(f"unknown tiny model {path!r}; known: {', '.join('tiny:' + n for n in TINY_CONFIGS)}")
+  hf = TINY_CONFIGS[name]
+  with open(os.path.join(TOKENIZER_DIR, "tokenizer.json"), "rb") as f:
+    tok_hash = hashlib.sha256(f.read()).hexdigest()
+  key = hashlib.sha256(json.dumps([hf, tok_hash, seed], sort_keys=True).encode()).hexdigest()[:10]
+  folder = os.path.join(cache_root(), "tiny", f"{name}-{key}")
+  if not os.path.exists(os.path.join(folder, "config.json")):
+    _build(folder, hf, seed)
+  return folder
+
+
+def _build(folder: str, hf: dict, seed: int) -> None:
+  # Imported here: building is rare and pulls in the model code.
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+
+  from jaxkd import models  # pylint: disable=import-outside-toplevel
+
+  cfg = models.config_from_hf(hf)
+  model = models.Transformer(cfg, rngs=nnx.Rngs(seed))
+  tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+  models.save_pretrained(model, folder, tokenizer=tokenizer)
