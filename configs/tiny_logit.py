@@ -27,5 +27,4 @@ def get_config():
   c.data.eval_batches = 4
   c.data.seq_len = 128
   c.data.batch_size = 8
-  c.mesh.fsdp = 1
   return c

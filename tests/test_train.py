@@ -1,0 +1,119 @@
+"""End to end: the command on the tiny config, exact resume, and start-of-run config errors."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from jaxkd import config_base, models, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name="tiny_logit", **overrides):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for key, value in overrides.items():
+    node = c
+    *parents, last = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_tiny_logit_command_trains_and_exports(tmp_path):
+  workdir = str(tmp_path / "run")
+  cmd = [sys.executable, "-m", "jaxkd.train", "--config", os.path.join(ROOT, "configs", "tiny_logit.py"),
+         f"--config.workdir={workdir}", "--config.steps=16", "--config.checkpoint_every=8"]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "exported student" in out.stdout and "held-out: loss" in out.stdout
+  steps = [m for m in _metrics(workdir) if "loss" in m]
+  assert [m["step"] for m in steps] == list(range(1, 17))
+  for m in steps:
+    assert {"loss", "kd", "ce", "grad_norm", "lr", "tokens", "tokens_per_s"} <= set(m)
+  first, last = np.mean([m["loss"] for m in steps[:3]]), np.mean([m["loss"] for m in steps[-3:]])
+  assert last < 0.9 * first, (first, last)
+  # The export loads in transformers, with the logits jaxkd computes from it.
+  export = os.path.join(workdir, "export")
+  model, info = tf.AutoModelForCausalLM.from_pretrained(export, output_loading_info=True, dtype=torch.float32)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  assert tf.AutoTokenizer.from_pretrained(export) is not None
+  ids = np.random.RandomState(0).randint(0, 700, (1, 20)).astype(np.int32)
+  with torch.no_grad():
+    ref = model.eval()(torch.tensor(ids)).logits.numpy()
+  ours = np.asarray(models.from_pretrained(export, dtype="float32")(ids))
+  np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_resume_is_exact(tmp_path):
+  """A run resumed from an earlier checkpoint logs the same losses and exports the same student."""
+  workdir = str(tmp_path / "run")
+  cfg = load_config(**{"workdir": workdir, "steps": 9, "checkpoint_every": 3, "export.dtype": "float32"})
+  trainer.run(cfg)
+  first = [m for m in _metrics(workdir) if "loss" in m]
+  with open(os.path.join(workdir, "export", "model.safetensors"), "rb") as f:
+    exported = f.read()
+  # Forget the last two checkpoints: the rerun resumes from step 3 and redoes 4..9.
+  for step in ("6", "9"):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", step))
+  trainer.run(load_config(**{"workdir": workdir, "steps": 9, "checkpoint_every": 3, "export.dtype": "float32"}))
+  again = [m for m in _metrics(workdir) if "loss" in m]
+  assert [m["step"] for m in again] == list(range(1, 10))
+  for a, b in zip(first, again):
+    for key in ("loss", "kd", "ce", "grad_norm", "lr", "tokens"):
+      assert a[key] == b[key], (a["step"], key, a[key], b[key])
+  with open(os.path.join(workdir, "export", "model.safetensors"), "rb") as f:
+    assert f.read() == exported
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("distill.alpha", 1.5, r"config\.distill\.alpha=1\.5: must be in \[0, 1\]"),
+    ("distill.temperature", 0.0, r"config\.distill\.temperature=0\.0: must be > 0"),
+    ("distill.kind", "kl", r"config\.distill\.kind='kl': unknown; use one of forward_kl"),
+    ("optimizer.micro_batches", 3, r"config\.data\.batch_size=8: must be divisible by optimizer\.micro_batches=3"),
+    ("teacher.path", "", r"config\.teacher\.path='': is empty"),
+])
+def test_bad_config_values_name_the_key(key, value, match):
+  with pytest.raises(config_base.ConfigError, match=match):
+    config_base.validate(load_config(**{key: value}))
+
+
+def test_sequence_longer_than_the_model_is_refused(tmp_path):
+  cfg = load_config(**{"workdir": str(tmp_path / "run"), "data.seq_len": 4096})
+  with pytest.raises(config_base.ConfigError, match=r"data\.seq_len=4096 is longer than the student's "
+                                                    r"max_position_embeddings=2048"):
+    trainer.Run(cfg)
+
+
+def test_different_tokenizers_refuse_logit_distillation(tmp_path):
+  from tokenizers import Tokenizer, models as tm, pre_tokenizers  # pylint: disable=import-outside-toplevel
+  raw = Tokenizer(tm.WordLevel({f"w{i}": i for i in range(800)} | {"[UNK]": 800}, unk_token="[UNK]"))
+  raw.pre_tokenizer = pre_tokenizers.Whitespace()
+  other = str(tmp_path / "other_tok")
+  tf.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(other)
+  cfg = load_config(**{"workdir": str(tmp_path / "run"), "teacher.tokenizer": other})
+  with pytest.raises(config_base.ConfigError, match=r"differs from the student's.*distill\.kind=\"hidden\""):
+    trainer.Run(cfg)
+
+
+def test_misspelt_override_fails():
+  cmd = [sys.executable, "-m", "jaxkd.train", "--config", os.path.join(ROOT, "configs", "tiny_logit.py"),
+         "--config.distill.temprature=3"]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert out.returncode != 0 and "temprature" in out.stderr
