@@ -1,0 +1,149 @@
+"""Compiled temporary memory and FLOPs of the fused KD + CE loss against the naive one.
+
+At Qwen2 shapes (Qwen2-7B teacher width 3584 -> Qwen2-1.5B student width 1536,
+both heads 151,936 columns, cut to the tokenizer's 151,646 tokens, bf16 hidden
+states and heads), for each token count this lowers and compiles (never runs)
+
+    jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+for the naive loss (materialised logits -> alpha * kd_loss + (1 - alpha) *
+cross_entropy_loss, alpha = 0.5) and for ``fused_distill_sums`` divided by the
+token count, and reads XLA's ``memory_analysis().temp_size_in_bytes`` and
+``cost_analysis()["flops"]``. It runs on a CPU in about a minute: only the
+compiler is involved, no array of these sizes is ever allocated.
+
+XLA's cost analysis counts a while-loop body once, not once per trip. The
+fused loss is one scan over N / chunk_size chunks, so its FLOPs are corrected
+to ``F(N) + (trips - 1) * F(one chunk)``, where F(one chunk) is the same loss
+compiled for N = chunk_size tokens (a single trip; it also counts the few
+O(N * width) operations outside the loop, so the correction slightly
+over-counts). Both are cross-checked against the matmul FLOPs counted by hand,
+2 * N * V * (3 * Ds + Dt): student logits, teacher logits, d(hidden), d(head).
+
+    python scripts/bench_loss_memory.py                      # defaults below
+    python scripts/bench_loss_memory.py --chunk_size 512,1024,2048,4096 --tokens 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxkd.losses import cross_entropy_loss, fused_distill_sums, kd_loss
+
+GIB = 2**30
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    parser.add_argument("--tokens", type=ints, default=[8192, 32768],
+                        help="comma-separated token counts N (default 8192,32768)")
+    parser.add_argument("--chunk_size", type=ints, default=[1024],
+                        help="tokens per chunk of the fused loss; a comma-separated list "
+                             "compares several (default 1024)")
+    parser.add_argument("--student_width", type=int, default=1536)
+    parser.add_argument("--teacher_width", type=int, default=3584)
+    parser.add_argument("--vocab", type=int, default=151936, help="columns of both heads")
+    parser.add_argument("--vocab_size", type=int, default=151646,
+                        help="tokenizer vocabulary the logits are cut to (0: no cut)")
+    parser.add_argument("--kind", default="forward_kl")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    return parser.parse_args(argv)
+
+
+def losses(args):
+    vocab_size = args.vocab_size or None
+    kd_kw = dict(kind=args.kind, vocab_size=vocab_size)
+
+    def naive(h_s, w_s, h_t, w_t, labels, mask):
+        logits_s = h_s @ w_s
+        logits_t = jax.lax.stop_gradient(h_t @ w_t)
+        kd = kd_loss(logits_s, logits_t, mask, **kd_kw)
+        ce = cross_entropy_loss(logits_s, labels, mask, vocab_size=vocab_size)
+        return args.alpha * kd + (1 - args.alpha) * ce
+
+    def fused(h_s, w_s, h_t, w_t, labels, mask, *, chunk_size):
+        total, aux = fused_distill_sums(h_s, w_s, labels, mask, h_t, w_t, alpha=args.alpha,
+                                        chunk_size=chunk_size, **kd_kw)
+        return total / jnp.maximum(aux["count"], 1.0)
+
+    return naive, fused
+
+
+def compile_stats(loss, n, args):
+    """(temp bytes, flops as counted by XLA, compile seconds) of value_and_grad(loss)."""
+    dtype = jnp.dtype(args.dtype)
+    S = jax.ShapeDtypeStruct
+    shapes = (S((n, args.student_width), dtype), S((args.student_width, args.vocab), dtype),
+              S((n, args.teacher_width), dtype), S((args.teacher_width, args.vocab), dtype),
+              S((n,), jnp.int32), S((n,), jnp.bool_))
+    start = time.perf_counter()
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*shapes).compile()
+    seconds = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
+    return compiled.memory_analysis().temp_size_in_bytes, float(cost["flops"]), seconds
+
+
+def matmul_flops(n, args):
+    return 2 * n * args.vocab * (3 * args.student_width + args.teacher_width)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    naive, fused = losses(args)
+    print(f"command: python scripts/bench_loss_memory.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"backend: {jax.default_backend()}, jax {jax.__version__}; heads {args.vocab} columns, "
+          f"vocab_size {args.vocab_size or 'none (no cut)'}, {args.dtype}, kind {args.kind}, "
+          f"alpha {args.alpha}; student width {args.student_width}, teacher width {args.teacher_width}")
+    print("compiling only (nothing is run) ...", flush=True)
+
+    rows, naive_stats, fused_temp = [], {}, {}
+    one_chunk = {}
+    for n in args.tokens:
+        naive_stats[n] = compile_stats(naive, n, args)
+        for chunk in args.chunk_size:
+            loss = lambda *a, chunk=chunk: fused(*a, chunk_size=chunk)  # noqa: E731
+            if chunk not in one_chunk:
+                one_chunk[chunk] = compile_stats(loss, chunk, args)[1]
+            temp, flops_raw, seconds = compile_stats(loss, n, args)
+            trips = -(-n // chunk)
+            flops = flops_raw + (trips - 1) * one_chunk[chunk]
+            fused_temp[n, chunk] = temp
+            rows.append((n, chunk, trips, temp, flops_raw, flops, seconds))
+
+    print()
+    print("| tokens | chunk | trips | naive temp GiB | fused temp GiB | fused / naive | naive TFLOP "
+          "| fused TFLOP (XLA raw) | fused TFLOP (x trips) | matmul TFLOP (by hand) | extra FLOPs "
+          "| compile s naive / fused |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, chunk, trips, temp, flops_raw, flops, seconds in rows:
+        naive_temp, naive_flops, naive_s = naive_stats[n]
+        print(f"| {n:,} | {chunk} | {trips} | {naive_temp / GIB:.2f} | {temp / GIB:.2f} "
+              f"| {temp / naive_temp:.3f} | {naive_flops / 1e12:.2f} | {flops_raw / 1e12:.2f} "
+              f"| {flops / 1e12:.2f} | {matmul_flops(n, args) / 1e12:.2f} "
+              f"| {100 * (flops / naive_flops - 1):+.2f}% | {naive_s:.1f} / {seconds:.1f} |")
+
+    print()
+    lo, hi = min(args.tokens), max(args.tokens)
+    for chunk in args.chunk_size:
+        n0 = lo
+        ratio = fused_temp[n0, chunk] / naive_stats[n0][0]
+        line = f"chunk {chunk}: fused/naive temp at {n0:,} tokens = {ratio:.3f} (target <= 0.25)"
+        if hi != lo:
+            growth = fused_temp[hi, chunk] / fused_temp[lo, chunk]
+            line += f"; fused temp growth {lo:,} -> {hi:,} = {growth:.3f}x (target <= 1.25)"
+        extra = max(f / naive_stats[n][1] - 1 for n, c, _, _, _, f, _ in rows if c == chunk)
+        line += f"; extra FLOPs at most {100 * extra:+.2f}% (target <= 5%)"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
