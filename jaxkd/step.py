@@ -188,7 +188,7 @@ def metrics_from_sums(aux, lc: LossConfig, n_hidden=None) -> dict:
   """Per-token means of the aux sums (over a step or a whole evaluation)."""
   count = jnp.maximum(aux["count"], 1.0)
   out = {"ce": aux["ce_sum"] / count, "accuracy": aux["correct_sum"] / count, "tokens": aux["count"]}
-  if "kd_sum" in aux:
+  if "kl1_sum" in aux:  # a teacher's logits were computed
     out.update(kd=aux["kd_sum"] / count, kl_t1=aux["kl1_sum"] / count, teacher_ce=aux["teacher_ce_sum"] / count,
                agreement=aux["agree_sum"] / count)
   if "hidden_sum" in aux and n_hidden is not None:

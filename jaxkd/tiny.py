@@ -18,6 +18,16 @@ _QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_
           "attention_dropout": 0.0, "initializer_range": 0.02}
 
 TINY_CONFIGS = {
+    # A cross-architecture pair for hidden-state distillation (Llama teacher, StableLM student).
+    "llama-teacher": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+                      "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                      "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "vocab_size": 832, "tie_word_embeddings": False},
+    "stablelm-student": {"model_type": "stablelm", "architectures": ["StableLmForCausalLM"], "hidden_act": "silu",
+                         "max_position_embeddings": 2048, "layer_norm_eps": 1e-5, "rope_theta": 10000,
+                         "partial_rotary_factor": 0.25, "use_qkv_bias": True, "hidden_size": 64,
+                         "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "num_key_value_heads": 4, "vocab_size": 800, "tie_word_embeddings": False},
     "teacher": {**_QWEN2, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 832, "tie_word_embeddings": False},
     "student": {**_QWEN2, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,

@@ -148,6 +148,7 @@ class Run:
       state, data_state, _ = self.ckpt.restore(self.resume_step, abstract)
       self.loader.set_state(data_state)
       return state
+    params = jax.device_put(params, param_sh)  # a no-op for the loaded student; places a new projector
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     return step_lib.TrainState(step=jax.device_put(jnp.int32(0), replicated), params=params, opt_state=opt_state)
 
@@ -195,6 +196,7 @@ class Run:
       if final_eval is not None:
         self._write_eval(metrics_file, c.steps, final_eval)
     self.ckpt.wait()
+    self.final_params = state.params
     summary = {"step": c.steps, "eval": final_eval, "workdir": self.workdir}
     if c.export.enabled:
       summary["export"] = self.export(state.params)
