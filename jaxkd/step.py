@@ -19,6 +19,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -193,6 +194,20 @@ def metrics_from_sums(aux, lc: LossConfig, n_hidden=None) -> dict:
                agreement=aux["agree_sum"] / count)
   if "hidden_sum" in aux and n_hidden is not None:
     out["hidden"] = aux["hidden_sum"] / (jnp.maximum(n_hidden, 1.0) * len(lc.layer_pairs))
+  return out
+
+
+def evaluate(eval_step, params, teacher_params, batches, lc: LossConfig) -> dict[str, float] | None:
+  """Per-token held-out metrics over `batches` (an iterable of global batches); None if it is empty."""
+  totals: dict[str, float] = {}
+  for batch in batches:
+    for k, v in jax.device_get(eval_step(params, teacher_params, batch)).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  if not totals:
+    return None
+  out = {k: float(v) for k, v in metrics_from_sums(totals, lc, totals["hidden_count"]).items()}
+  out["loss"] = out["ce"]
+  out["perplexity"] = float(np.exp(min(out["ce"], 50.0)))
   return out
 
 

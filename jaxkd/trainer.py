@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -228,20 +227,17 @@ class Run:
     if self.eval_loader is None:
       return None
     self.eval_loader.set_state(self.eval_start)
-    totals: dict[str, float] = {}
+    out = step_lib.evaluate(self.eval_step, params, self.t_params, self._batches(self.eval_loader), self.loss_cfg)
+    if out is None:
+      raise data.DataError("the eval split is empty: raise data.eval_fraction or check data.eval_split")
+    return out
+
+  def _batches(self, loader):
     while True:
       try:
-        batch = self._global_batch(self.eval_loader)
+        yield self._global_batch(loader)
       except StopIteration:
-        break
-      for k, v in jax.device_get(self.eval_step(params, self.t_params, batch)).items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-    if not totals:
-      raise data.DataError("the eval split is empty: raise data.eval_fraction or check data.eval_split")
-    out = {k: float(v) for k, v in step_lib.metrics_from_sums(totals, self.loss_cfg, totals["hidden_count"]).items()}
-    out["loss"] = out["ce"]
-    out["perplexity"] = float(np.exp(min(out["ce"], 50.0)))
-    return out
+        return
 
   def export(self, params) -> str:
     student = nnx.merge(self.student_def, params["student"])  # the projector is never exported

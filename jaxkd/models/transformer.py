@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxkd.models.attention import check_implementation, dot_product_attention
 from jaxkd.models.config import ModelConfig
 from jaxkd.models.layers import Embed, Linear, Norm, apply_rope, rope_cos_sin
 from jaxkd.sharding import constrain
@@ -29,12 +30,22 @@ REMAT_POLICIES = {
 }
 
 
+class KVCache(NamedTuple):
+  """Keys and values of every layer for generation; slots at and past `index` are still empty."""
+
+  k: jax.Array  # [L, B, S, K, H]
+  v: jax.Array  # [L, B, S, K, H]
+  segment_ids: jax.Array  # [B, S]: 1 for real tokens, 0 for padding and empty slots
+  index: jax.Array  # int32 scalar: the next slot to write
+
+
 class ModelOutput(NamedTuple):
   logits: jax.Array | None  # [B, T, V], or None when not asked for
   last_hidden: jax.Array  # [B, T, D], after the final norm: the input of the output head
   # [L + 1, B, T, D] as transformers' `output_hidden_states`: the embeddings, the output of each layer but
   # the last, then the last layer's output after the final norm.
   hidden_states: jax.Array | None
+  cache: KVCache | None = None  # the updated cache, when one was given
 
 
 def make_attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
@@ -59,7 +70,7 @@ class Attention(nnx.Module):
   """Grouped-query attention with rotary embeddings, optional biases and per-head q/k LayerNorm."""
 
   def __init__(self, cfg: ModelConfig, *, stack=(), param_dtype=jnp.float32, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               attention: str = "auto", rngs: nnx.Rngs):
     d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kw = dict(stack=stack, std=cfg.initializer_range, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
     self.q_proj = Linear(d, h * hd, axes=("embed", "q_heads"), bias=cfg.qkv_bias, **kw)
@@ -71,9 +82,12 @@ class Attention(nnx.Module):
                  param_dtype=param_dtype, dtype=dtype, rngs=rngs)
       self.q_layernorm = Norm((h, hd), **nkw)
       self.k_layernorm = Norm((k, hd), **nkw)
-    self.cfg = cfg
+    self.cfg, self.attention = cfg, attention  # attention: a jaxkd.models.attention implementation
 
-  def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
+  def __call__(self, x_BxTxD, cos, sin, segment_ids_BxT, kv_cache=None):
+    """Without `kv_cache`: attention over these T tokens. With `kv_cache=(k_BxSxKxH, v_BxSxKxH, index,
+    mask_Bx1xTxS)`: the new keys and values are written at [index, index + T) and the queries attend to
+    the whole cache under `mask_Bx1xTxS`; returns (output, (k, v)) then."""
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     q_BxTxNxH = self.q_proj(x_BxTxD).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -83,8 +97,16 @@ class Attention(nnx.Module):
       q_BxTxNxH, k_BxTxKxH = self.q_layernorm(q_BxTxNxH), self.k_layernorm(k_BxTxKxH)
     q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, cos, sin), ("act_batch", "act_seq", "act_heads", None))
     k_BxTxKxH = apply_rope(k_BxTxKxH, cos, sin)
-    out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, scale=cfg.head_dim ** -0.5)
+    if kv_cache is not None:
+      k_cache, v_cache, index, cache_mask = kv_cache
+      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxKxH.astype(k_cache.dtype), index, axis=1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxKxH.astype(v_cache.dtype), index, axis=1)
+      out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_cache.astype(q_BxTxNxH.dtype),
+                                                 v_cache.astype(q_BxTxNxH.dtype), mask=cache_mask,
+                                                 scale=cfg.head_dim ** -0.5)
+      return self.o_proj(out_BxTxNxH.reshape(b, t, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
+    out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
+                                        scale=cfg.head_dim ** -0.5, implementation=self.attention)
     return self.o_proj(out_BxTxNxH.reshape(b, t, cfg.num_heads * cfg.head_dim))
 
 
@@ -109,40 +131,45 @@ class Block(nnx.Module):
   """Pre-norm decoder layer, sequential (Llama, Qwen2) or parallel residual (StableLM option)."""
 
   def __init__(self, cfg: ModelConfig, *, stack=(), param_dtype=jnp.float32, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               attention: str = "auto", rngs: nnx.Rngs):
     kw = dict(stack=stack, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
     norm = dict(kind=cfg.norm, eps=cfg.norm_eps, bias=cfg.norm_bias, axes=("norm",), **kw)
     self.input_layernorm = Norm(cfg.hidden_size, **norm)
-    self.self_attn = Attention(cfg, **kw)
+    self.self_attn = Attention(cfg, attention=attention, **kw)
     if not cfg.parallel_residual:
       self.post_attention_layernorm = Norm(cfg.hidden_size, **norm)
     self.mlp = MLP(cfg, **kw)
     self.parallel_residual = cfg.parallel_residual
 
-  def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
+  def __call__(self, x_BxTxD, cos, sin, segment_ids_BxT, kv_cache=None):
     h_BxTxD = self.input_layernorm(x_BxTxD)
-    attn_BxTxD = self.self_attn(h_BxTxD, cos, sin, mask_Bx1xTxT)
+    attn_BxTxD = self.self_attn(h_BxTxD, cos, sin, segment_ids_BxT, kv_cache=kv_cache)
+    if kv_cache is not None:
+      attn_BxTxD, new_kv = attn_BxTxD
     if self.parallel_residual:
-      return x_BxTxD + attn_BxTxD + self.mlp(h_BxTxD)
-    x_BxTxD = x_BxTxD + attn_BxTxD
-    return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+      out = x_BxTxD + attn_BxTxD + self.mlp(h_BxTxD)
+    else:
+      x_BxTxD = x_BxTxD + attn_BxTxD
+      out = x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+    return out if kv_cache is None else (out, new_kv)
 
 
 class Transformer(nnx.Module):
   """Decoder-only language model. `model(input_ids)` gives logits; `model.forward` gives more."""
 
   def __init__(self, cfg: ModelConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, remat: str = "none",
-               rngs: nnx.Rngs):
+               attention: str = "auto", rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+    check_implementation(attention)
     kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range, **kw)
-    self.layers = Block(cfg, stack=(cfg.num_layers,), **kw)
+    self.layers = Block(cfg, stack=(cfg.num_layers,), attention=attention, **kw)
     self.norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, bias=cfg.norm_bias, axes=("norm",), **kw)
     self.lm_head = (None if cfg.tie_embeddings else
                     Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), bias=False,
                            std=cfg.initializer_range, **kw))
-    self.cfg, self.dtype, self.remat = cfg, dtype, remat
+    self.cfg, self.dtype, self.remat, self.attention = cfg, dtype, remat, attention
 
   def head_kernel(self) -> jax.Array:
     """The output head [D, V] in the compute dtype (the embedding table, transposed, when tied)."""
@@ -150,8 +177,39 @@ class Transformer(nnx.Module):
       return self.embed_tokens.embedding[...].T.astype(self.dtype)
     return self.lm_head.kernel[...].astype(self.dtype)
 
+  def init_cache(self, batch: int, max_len: int) -> KVCache:
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
+                   segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.int32(0))
+
+  def _forward_cached(self, ids, segment_ids, cache: KVCache, compute_logits: bool) -> ModelOutput:
+    """Appends T tokens to the cache: the prompt (left-padded, segment 0) at once, then one at a time."""
+    t = ids.shape[1]
+    seen = jnp.sum(cache.segment_ids != 0, axis=1, keepdims=True)  # real tokens already in the cache
+    positions = jnp.maximum(seen + jnp.cumsum(segment_ids != 0, axis=1) - 1, 0)
+    cos, sin = rope_cos_sin(self.cfg, positions)
+    kv_seg_BxS = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, axis=1)
+    slots = jnp.arange(kv_seg_BxS.shape[1])
+    causal_TxS = slots[None, :] <= cache.index + jnp.arange(t)[:, None]
+    mask = (causal_TxS[None] & (kv_seg_BxS[:, None, :] == segment_ids[:, :, None]))[:, None]
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def body(x, xs):
+      one_layer_state, k_cache, v_cache = xs
+      y, (k_cache, v_cache) = nnx.merge(graphdef, one_layer_state)(
+          x, cos, sin, None, kv_cache=(k_cache, v_cache, cache.index, mask))
+      return y, (k_cache, v_cache)
+
+    x_BxTxD, (k, v) = jax.lax.scan(body, self.embed_tokens(ids), (layer_state, cache.k, cache.v))
+    last_BxTxD = self.norm(x_BxTxD)
+    logits = jnp.einsum("btd,dv->btv", last_BxTxD, self.head_kernel()) if compute_logits else None
+    new_cache = KVCache(k=k, v=v, segment_ids=kv_seg_BxS, index=cache.index + t)
+    return ModelOutput(logits=logits, last_hidden=last_BxTxD, hidden_states=None, cache=new_cache)
+
   def forward(self, input_ids_BxT, *, attention_mask=None, segment_ids=None, positions=None,
-              output_hidden_states: bool = False, compute_logits: bool = True) -> ModelOutput:
+              output_hidden_states: bool = False, compute_logits: bool = True,
+              cache: KVCache | None = None) -> ModelOutput:
     """Runs the decoder.
 
     Args:
@@ -162,21 +220,24 @@ class Transformer(nnx.Module):
         only an attention_mask, among the real tokens of its row).
       output_hidden_states: also return every layer's output, for hidden-state distillation.
       compute_logits: False skips the output head (the fused loss applies it chunk by chunk).
+      cache: a `KVCache` (see `init_cache`) to append these tokens to, for generation; the output then
+        carries the updated cache. Rows are single documents; `attention_mask` marks their padding.
     """
     ids = jnp.asarray(input_ids_BxT, jnp.int32)
     if segment_ids is None:
       segment_ids = (jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32))
     segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    if cache is not None:
+      return self._forward_cached(ids, segment_ids, cache, compute_logits)
     if positions is None:  # with left padding too, real tokens count from 0
       positions = positions_from_segments(segment_ids)
     cos, sin = rope_cos_sin(self.cfg, jnp.asarray(positions, jnp.int32))
-    mask = make_attention_mask(segment_ids)
 
     x0_BxTxD = constrain(self.embed_tokens(ids), ("act_batch", "act_seq", "act_embed"))
     graphdef, layer_state = nnx.split(self.layers)
 
     def body(x, one_layer_state):
-      y = nnx.merge(graphdef, one_layer_state)(x, cos, sin, mask)
+      y = nnx.merge(graphdef, one_layer_state)(x, cos, sin, segment_ids)
       y = constrain(y, ("act_batch", "act_seq", "act_embed"))
       return y, (y if output_hidden_states else None)
 

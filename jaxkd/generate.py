@@ -1,0 +1,126 @@
+"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), under the chat template.
+
+  python -m jaxkd.generate --model workdir/tiny_logit/export --prompt "What is 3 + 4?"
+
+The prompt batch is left-padded and run through the model once (prefill); then one token per step is
+appended to the cache, each step one compiled call.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def sample_logits(logits_BxV, key, *, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None):
+  """Greedy at temperature 0, else a sample from softmax(logits / temperature) cut to top-k / top-p."""
+  if temperature <= 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits = logits_BxV.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None and top_p < 1.0:
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             vocab_size: int | None = None) -> list[list[int]]:
+  """New token ids for each prompt (stopping at an eos id, which is kept), as lists."""
+  b, p = len(prompts), max(len(x) for x in prompts)
+  if p + max_new_tokens > model.cfg.max_position_embeddings:
+    raise ValueError(f"prompt ({p}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                     f"max_position_embeddings={model.cfg.max_position_embeddings}")
+  ids = np.zeros((b, p), np.int32)
+  mask = np.zeros((b, p), np.int32)
+  for i, x in enumerate(prompts):  # left padding: every row's next token goes to the same slot
+    ids[i, p - len(x):], mask[i, p - len(x):] = x, 1
+  graphdef, state = nnx.split(model)
+  vocab = vocab_size or model.cfg.vocab_size
+
+  @jax.jit
+  def step(state, ids, mask, cache, key):
+    out = nnx.merge(graphdef, state).forward(ids, attention_mask=mask, cache=cache)
+    logits = out.logits[:, -1, :vocab]  # padded embedding rows are never sampled
+    return sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p), out.cache
+
+  cache = model.init_cache(b, p + max_new_tokens)
+  key = jax.random.key(seed)
+  key, sub = jax.random.split(key)
+  token, cache = step(state, ids, mask, cache, sub)
+  eos = np.asarray(list(eos_ids), np.int32)
+  out = [[] for _ in range(b)]
+  done = np.zeros(b, bool)
+  ones = np.ones((b, 1), np.int32)
+  for i in range(max_new_tokens):
+    tok = np.asarray(token)
+    for r in range(b):
+      if not done[r]:
+        out[r].append(int(tok[r]))
+    done |= np.isin(tok, eos)
+    if done.all() or i == max_new_tokens - 1:
+      break
+    key, sub = jax.random.split(key)
+    token, cache = step(state, tok[:, None], ones, cache, sub)
+  return out
+
+
+def encode_prompt(tokenizer, text: str, *, chat: bool = True, system: str | None = None) -> list[int]:
+  """Token ids of a user prompt under the tokenizer's chat template (when it has one and `chat`)."""
+  if chat and getattr(tokenizer, "chat_template", None):
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+  return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def eos_ids_of(tokenizer) -> list[int]:
+  """The ids that end a reply: eos plus end-of-turn specials of the chat template (<|im_end|>, <|eot_id|>)."""
+  ids = set()
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>"):
+    tid = tokenizer.convert_tokens_to_ids(tok)
+    if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+      ids.add(tid)
+  return sorted(ids)
+
+
+def main(argv):
+  del argv
+  from jaxkd import data, models  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  model = models.from_pretrained(f.model, dtype=f.dtype)
+  tokenizer = data.load_tokenizer(f.model)
+  prompts = [encode_prompt(tokenizer, p, chat=f.chat, system=f.system) for p in f.prompt]
+  outs = generate(model, prompts, max_new_tokens=f.max_new_tokens, eos_ids=eos_ids_of(tokenizer),
+                  temperature=f.temperature, top_k=f.top_k or None, top_p=f.top_p, seed=f.seed,
+                  vocab_size=len(tokenizer))
+  for text, out in zip(f.prompt, outs):
+    print(f"> {text}\n{tokenizer.decode(out, skip_special_tokens=True)}\n")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+
+  flags.DEFINE_string("model", None, "An HF model folder (e.g. workdir/RUN/export).", required=True)
+  flags.DEFINE_multi_string("prompt", None, "Prompt(s); repeat the flag for a batch.", required=True)
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0 = all).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_bool("chat", True, "Wrap the prompt in the tokenizer's chat template.")
+  flags.DEFINE_string("system", None, "Optional system message.")
+  flags.DEFINE_string("dtype", "float32", "Parameter dtype: float32 or bfloat16.")
+  app.run(main)
