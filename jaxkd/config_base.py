@@ -16,7 +16,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.workdir = "workdir/run"
   c.steps = 100
   c.seed = 0
-  c.log_every = 1
+  c.log_every = 1  # metrics.jsonl / TensorBoard every this many steps
+  c.progress = True  # progress bar on a terminal (JAXKD_PROGRESS=1 forces it elsewhere)
   c.checkpoint_every = 50  # and always at the end
   c.max_to_keep = 3
   c.eval_every = 0  # 0: only at the end (held-out data: data.eval_fraction / data.eval_split, data.eval_batches)

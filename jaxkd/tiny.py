@@ -39,13 +39,23 @@ def cache_root() -> str:
   return os.environ.get("JAXKD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxkd"))
 
 
+# Trained models shipped in the repository (made by the named script, reproducibly from its seed).
+BUNDLED = {"teacher-trained": (os.path.join(ASSETS, "teacher"), "python scripts/train_teacher.py")}
+
+
 def resolve(path: str, *, seed: int = 0) -> str:
   """`tiny:NAME` -> a folder holding that model (built if missing); any other path unchanged."""
   if not path.startswith("tiny:"):
     return path
   name = path[len("tiny:"):]
+  if name in BUNDLED:
+    folder, script = BUNDLED[name]
+    if not os.path.exists(os.path.join(folder, "config.json")):
+      raise FileNotFoundError(f"the bundled model {path} is missing from {folder}; recreate it with `{script}`")
+    return folder
   if name not in TINY_CONFIGS:
-    raise ValueError(f"unknown tiny model {path!r}; known: {', '.join('tiny:' + n for n in TINY_CONFIGS)}")
+    known = [*("tiny:" + n for n in TINY_CONFIGS), *("tiny:" + n for n in BUNDLED)]
+    raise ValueError(f"unknown tiny model {path!r}; known: {', '.join(known)}")
   hf = TINY_CONFIGS[name]
   with open(os.path.join(TOKENIZER_DIR, "tokenizer.json"), "rb") as f:
     tok_hash = hashlib.sha256(f.read()).hexdigest()

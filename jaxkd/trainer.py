@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxkd import checkpoint as ckpt_lib
-from jaxkd import config_base, data, hidden, models, optim, step as step_lib, tiny
+from jaxkd import config_base, data, hidden, models, optim, reporting, step as step_lib, tiny
 from jaxkd import sharding as shd
 
 log = logging.getLogger("jaxkd")
@@ -156,11 +156,7 @@ class Run:
     optimizer, lr_schedule = optim.make_optimizer(c.optimizer, c.steps)
     state = self._initial_state(optimizer)
     start = int(jax.device_get(state.step))
-    if self.teacher is not None:
-      t_def, t_state = nnx.split(self.teacher)
-      t_params, t_sh = nnx.to_pure_dict(t_state), step_lib.module_shardings(self.mesh, self.teacher)
-    else:
-      t_def, t_params, t_sh = None, None, None
+    t_def, t_params, t_sh = self._teacher()
     batch_sh = step_lib.batch_shardings(self.mesh, self.loss_cfg.batch_keys())
     train_step = step_lib.make_train_step(self.student_def, t_def, optimizer, lr_schedule, self.loss_cfg,
                                           projector_def=self.projector_def, state_shardings=self.state_sh,
@@ -169,31 +165,32 @@ class Run:
                                              projector_def=self.projector_def, param_shardings=self.state_sh.params,
                                              teacher_shardings=t_sh, batch_shardings=batch_sh)
     self.t_params = t_params
-    metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-    _truncate_metrics(metrics_path, start)
     meta = {"fingerprint": config_fingerprint(c)}
     if start == 0:
       log.info("%s", self.loader.summary())
     else:
       log.info("resuming from step %d in %s", start, self.workdir)
+    report = reporting.Reporter(self.workdir, total_steps=c.steps, start_step=start, log_every=c.log_every,
+                                progress=c.progress)
 
     pending, last_time = None, time.time()
-    with jax.set_mesh(self.mesh), open(metrics_path, "a") as metrics_file:
+    with jax.set_mesh(self.mesh):
       for i in range(start, c.steps):
         batch = self._global_batch(self.loader)
         state, metrics = train_step(state, t_params, batch)
         if pending is not None:  # the previous step's numbers: reading them does not stall dispatch
-          last_time = self._write_metrics(metrics_file, *pending, last_time)
+          last_time = self._report(report, *pending, last_time)
         pending = (i + 1, metrics)
         if (i + 1) % c.checkpoint_every == 0 or i + 1 == c.steps:
           self.ckpt.save(state, self.loader.get_state(), meta, step=i + 1)
         if self.eval_loader and c.eval_every and (i + 1) % c.eval_every == 0 and i + 1 != c.steps:
-          self._write_eval(metrics_file, i + 1, self.evaluate(state.params))
+          report.eval(i + 1, self.evaluate(state.params))
       if pending is not None:
-        self._write_metrics(metrics_file, *pending, last_time)
+        self._report(report, *pending, last_time)
       final_eval = self.evaluate(state.params)
       if final_eval is not None:
-        self._write_eval(metrics_file, c.steps, final_eval)
+        report.eval(c.steps, final_eval)
+    report.close()
     self.ckpt.wait()
     self.final_params = state.params
     summary = {"step": c.steps, "eval": final_eval, "workdir": self.workdir}
@@ -207,20 +204,28 @@ class Run:
     local = next(loader)
     return data.global_batch({k: local[k] for k in self.loss_cfg.batch_keys()}, self.mesh)
 
-  def _write_metrics(self, f, step: int, metrics, last_time: float) -> float:
+  def _teacher(self):
+    """(graphdef, parameters, shardings) of the teacher, or Nones without one."""
+    if self.teacher is None:
+      return None, None, None
+    t_def, t_state = nnx.split(self.teacher)
+    return t_def, nnx.to_pure_dict(t_state), step_lib.module_shardings(self.mesh, self.teacher)
+
+  def evaluate_loaded(self) -> dict[str, float] | None:
+    """Held-out metrics of the student as loaded, before any training (a baseline, or a teacher's score)."""
+    self.student_def, s_state = nnx.split(self.student)
+    t_def, self.t_params, _ = self._teacher()
+    self.eval_step = step_lib.make_eval_step(self.student_def, t_def, self.loss_cfg)
+    with jax.set_mesh(self.mesh):
+      return self.evaluate({"student": nnx.to_pure_dict(s_state)})
+
+  @staticmethod
+  def _report(report, step: int, metrics, last_time: float) -> float:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.time()
     values["tokens_per_s"] = values["tokens"] / max(now - last_time, 1e-9)
-    if step % self.config.log_every == 0 or step == self.config.steps:
-      f.write(json.dumps({"step": step, **values}) + "\n")
-      f.flush()
-      log.info("step %d  %s", step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
+    report.step(step, values)
     return now
-
-  def _write_eval(self, f, step: int, values: dict) -> None:
-    f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in values.items()}}) + "\n")
-    f.flush()
-    log.info("eval at step %d  %s", step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
   def evaluate(self, params) -> dict[str, float] | None:
     """Held-out metrics over the eval split (the same batches every time); None without eval data."""
@@ -244,17 +249,6 @@ class Run:
     path = os.path.join(self.workdir, "export")
     models.save_pretrained(student, path, tokenizer=self.tokenizer, dtype=self.config.export.dtype)
     return path
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-  """Drops lines past `step`: steps after the last checkpoint are run again and logged again."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  with open(path + ".tmp", "w") as f:
-    f.writelines(keep)
-  os.replace(path + ".tmp", path)
 
 
 def run(config) -> dict[str, Any]:
