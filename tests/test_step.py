@@ -78,7 +78,16 @@ def _run(lc, mesh=None, steps=3):
   return jax.device_get(state.params["student"]), history
 
 
-LC = step_lib.LossConfig(alpha=0.5, temperature=2.0, vocab_size=V, fused=False)
+LC = step_lib.LossConfig(alpha=0.5, temperature=2.0, vocab_size=V, chunk_size=48)  # fused, as trained
+
+
+def test_fused_step_equals_materialised_step():
+  fused, hf = _run(LC, steps=2)
+  plain, hp = _run(step_lib.LossConfig(**{**LC.__dict__, "fused": False}), steps=2)
+  for a, b in zip(hf, hp):
+    for key in ("loss", "kd", "ce", "grad_norm", "agreement", "kl_t1", "teacher_ce"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), fused, plain)
 
 
 def test_teacher_parameters_bitwise_unchanged():
@@ -117,7 +126,7 @@ def test_eight_devices_fsdp_and_tensor_match_one_device():
 
 
 def test_sft_compiles_no_teacher():
-  lc = step_lib.LossConfig(alpha=0.0, vocab_size=V, fused=False)
+  lc = step_lib.LossConfig(alpha=0.0, vocab_size=V)
   fn, state, t_params = _setup(lc)
   assert t_params is None  # there is nothing to pass: the step cannot run a teacher
   hlo = fn.lower(state, None, _batch(0)).as_text()
