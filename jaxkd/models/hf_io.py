@@ -234,7 +234,7 @@ def load_params(model, folder: str, *, mesh: Mesh | None = None) -> None:
 
 
 def from_pretrained(path: str, *, dtype: Any = "float32", compute_dtype: Any = None, mesh: Mesh | None = None,
-                    remat: str = "none") -> Transformer:
+                    remat: str = "none", attention: str = "auto") -> Transformer:
   """Loads a Qwen2, Llama or StableLM model from a local HF folder (or a cached/downloadable hub id).
 
   Args:
@@ -243,6 +243,7 @@ def from_pretrained(path: str, *, dtype: Any = "float32", compute_dtype: Any = N
     compute_dtype: activation dtype; defaults to `dtype`.
     mesh: place each parameter on its NamedSharding from the logical-axis rules; None = first device.
     remat: rematerialisation policy of the scanned layers (see transformer.REMAT_POLICIES).
+    attention: "auto", "xla", "cudnn" or "splash" (see jaxkd.models.attention).
   """
   folder = resolve_folder(path)
   hf = read_config(folder)
@@ -250,7 +251,7 @@ def from_pretrained(path: str, *, dtype: Any = "float32", compute_dtype: Any = N
   param_dtype = resolve_dtype(dtype, hf)
   compute = resolve_dtype(compute_dtype, hf) if compute_dtype is not None else param_dtype
   model = nnx.eval_shape(lambda: Transformer(cfg, param_dtype=param_dtype, dtype=compute, remat=remat,
-                                             rngs=nnx.Rngs(0)))
+                                             attention=attention, rngs=nnx.Rngs(0)))
   load_params(model, folder, mesh=mesh)
   return model
 
