@@ -16,7 +16,7 @@ def get_config():
   c.checkpoint_every = 20
   c.student.path = "tiny:student"
   c.student.compute_dtype = "float32"
-  c.teacher.path = "tiny:teacher"
+  c.teacher.path = "tiny:teacher-trained"  # bundled; made by scripts/train_teacher.py
   c.teacher.dtype = "float32"
   c.distill.alpha = 0.5
   c.distill.temperature = 2.0
