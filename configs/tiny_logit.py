@@ -1,6 +1,6 @@
 """Tiny logit distillation that runs offline on a CPU in about a minute.
 
-A tiny random Qwen2-style teacher and a smaller student (both built on first use on the bundled tokenizer)
+The bundled tiny teacher (trained by scripts/train_teacher.py) into a smaller random student (built on first use on
 and the bundled chat data:
 
   python -m jaxkd.train --config configs/tiny_logit.py
