@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxkd import hidden, losses
+from jaxkd import distributed, hidden, losses
+
+NONFINITE = ("skip", "stop")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -21,7 +23,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 50  # and always at the end
   c.max_to_keep = 3
   c.eval_every = 0  # 0: only at the end (held-out data: data.eval_fraction / data.eval_split, data.eval_batches)
-  c.overwrite = False  # True: start afresh in a workdir that holds a run of a different config
+  # A workdir holding a run of a different config is refused (the error names the keys that differ); True
+  # moves that run to <workdir>.replaced-<time> and starts afresh. Nothing is ever deleted.
+  c.overwrite = False
+  # A step whose loss or gradients hold NaN or Inf never changes the parameters or optimizer state. "skip":
+  # go on (metric skipped_nonfinite counts them); "stop": end the run with an error naming the step.
+  c.nonfinite = "skip"
 
   c.student = ml_collections.ConfigDict()
   c.student.path = ""  # HF folder, hub id, or tiny:NAME
@@ -81,6 +88,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True
   c.export.dtype = "bfloat16"
+
+  # Several processes (one per host; see jaxkd.distributed). Empty coordinator and no JAX_COORDINATOR_ADDRESS:
+  # a single process. "auto": JAX detects Slurm, Open MPI or Cloud TPU.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator = ""  # host:port of process 0, the same for every process
+  c.distributed.num_processes = 0  # 0: from JAX_NUM_PROCESSES
+  c.distributed.process_id = -1  # -1: from JAX_PROCESS_ID
+  c.distributed.heartbeat_timeout_s = 100  # a process silent this long counts as dead: the others abort
+  c.distributed.initialization_timeout_s = 300  # how long to wait for every process to join
+
+  # Test hooks, for the tests of interruptions and multi-process runs; leave them at their defaults.
+  c.debug = ml_collections.ConfigDict()
+  c.debug.save_delay_s = 0.0  # hold every checkpoint save open this long (to kill a process mid-save)
+  c.debug.poison_step = 0  # > 0: that step's targets are out of the vocabulary, so its loss is NaN
+  c.debug.data_processes = 0  # > 0 on one process: read the data as this many processes would, rows joined
   return c
 
 
@@ -111,6 +133,21 @@ def validate(c) -> None:
     need(c.distill.teacher_top_k >= 1, "distill.teacher_top_k", "must be >= 1 or None")
     need(c.distill.kind != "reverse_kl", "distill.teacher_top_k",
          "cannot be used with reverse_kl (the truncated teacher makes it infinite)")
+  need(c.nonfinite in NONFINITE, "nonfinite",
+       '"skip" skips a step with NaN/Inf loss or gradients and counts it, "stop" ends the run there')
+  need(c.max_to_keep >= 1, "max_to_keep", "must be >= 1 (the checkpoints kept; older ones are deleted)")
+  need(c.distributed.heartbeat_timeout_s >= 1, "distributed.heartbeat_timeout_s",
+       "must be >= 1 (seconds of silence after which a process counts as dead)")
+  need(c.distributed.initialization_timeout_s >= 1, "distributed.initialization_timeout_s", "must be >= 1")
+  need(c.debug.save_delay_s >= 0, "debug.save_delay_s", "must be >= 0 (a test hook; leave it 0)")
+  need(c.debug.data_processes >= 0, "debug.data_processes", "must be >= 0 (a test hook; leave it 0)")
+  if c.debug.data_processes:
+    need(c.data.batch_size % c.debug.data_processes == 0, "data.batch_size",
+         f"must be divisible by debug.data_processes={c.debug.data_processes}")
+  try:
+    distributed.settings(c.distributed)
+  except distributed.DistributedConfigError as e:
+    raise ConfigError(str(e)) from None
   need(c.steps >= 1, "steps", "must be >= 1")
   need(c.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
   need(c.distill.chunk_size >= 1, "distill.chunk_size", "must be >= 1")

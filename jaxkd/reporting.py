@@ -110,12 +110,24 @@ class Reporter:
                      + [line(r) for r in rows])
 
 
-def truncate_after(path: str, step: int) -> None:
-  """Drops lines past `step`: the steps after the last checkpoint are run and logged again on resume."""
+def truncate_after(path: str, step: int, *, evals_at_step: bool = True) -> None:
+  """Drops lines past `step`: the steps after the last checkpoint are run and logged again on resume.
+
+  Also drops a last line cut short by a killed process, and with `evals_at_step=False` the eval lines at
+  `step` itself (a finished run's final evaluation, which a rerun repeats).
+  """
   if not os.path.exists(path):
     return
+  keep = []
   with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # blank, or torn by kill -9 in the middle of a write
+        continue
+      is_eval = any(k.startswith("eval_") for k in row)
+      if row["step"] < step or (row["step"] == step and (evals_at_step or not is_eval)):
+        keep.append(line if line.endswith("\n") else line + "\n")
   with open(path + ".tmp", "w") as f:
     f.writelines(keep)
   os.replace(path + ".tmp", path)

@@ -2,7 +2,20 @@
 
 The loop dispatches each step and only then reads the previous step's metrics, so the host never waits
 on the device between steps. Checkpoints hold the student, optimizer state, step and data position;
-rerunning the same command resumes from the latest finished one.
+rerunning the same command resumes from the newest finished one, and the resumed run computes bitwise
+what the uninterrupted run would have (on the same devices).
+
+What a run survives:
+  * kill -9 at any moment, mid-save included: the unfinished save is ignored (see jaxkd.checkpoint) and
+    metrics.jsonl lines past the restored step are dropped and logged again.
+  * SIGTERM (preemption): the run saves the next step it reaches and raises `Preempted`
+    (`python -m jaxkd.train` exits with EXIT_PREEMPTED = 75). With several processes JAX's preemption
+    sync point picks the step, the same on every process.
+  * NaN or Inf in the loss or the gradients: the step leaves the parameters and optimizer state as they
+    were; `nonfinite="skip"` counts it (metric `skipped_nonfinite`) and goes on, `"stop"` ends the run
+    with NonFiniteError. No checkpoint ever holds NaN or Inf.
+  * A workdir that holds a run of another config: refused, naming the keys that differ, unless
+    `overwrite=True`, which moves the old run to `<workdir>.replaced-<time>` (nothing is deleted).
 """
 
 from __future__ import annotations
@@ -16,23 +29,100 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxkd import checkpoint as ckpt_lib
-from jaxkd import config_base, data, hidden, models, optim, reporting, step as step_lib, tiny
+from jaxkd import config_base, data, distributed, hidden, models, optim, reporting, step as step_lib, tiny
 from jaxkd import sharding as shd
 
 log = logging.getLogger("jaxkd")
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: "try again later", which is what a preempted run should do
+NonFiniteError = ckpt_lib.NonFiniteError
+# Errors whose message says all there is to say (what is wrong, how to fix it): no traceback needed.
+EXPECTED_ERRORS = (config_base.ConfigError, ckpt_lib.CheckpointError, NonFiniteError, data.DataError,
+                   models.CheckpointError, models.UnsupportedConfigError, FileNotFoundError)
+
+# Settings that do not change what a run computes: its bookkeeping, where it runs and on how many devices
+# (a checkpoint restores onto any mesh), the non-finite policy and test hooks. A workdir's run may be
+# resumed with other values of these; any other difference is a different run. `steps` joins the identity
+# when the learning-rate schedule decays over it (cosine, linear): changing it mid-run would change every
+# later learning rate, so only a constant schedule can be extended.
+NOT_IDENTITY = ("workdir", "log_every", "progress", "checkpoint_every", "max_to_keep", "eval_every", "overwrite",
+                "nonfinite", "export.", "debug.", "distributed.", "mesh.", "data.cache_dir", "data.num_workers",
+                "data.encode_chunk", "data.prefetch", "data.eval_batches")
+
+
+class Preempted(Exception):
+  """A SIGTERM stopped the run after saving `step`; rerunning the same command resumes from there."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"preempted: saved checkpoint step {step} in {directory}; rerun the same command to resume")
+    self.step = step
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_dict(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def run_identity(cfg: dict, *, with_steps: bool) -> dict:
+  """The settings of a config dict that define its run (see NOT_IDENTITY), flattened to dotted keys."""
+  flat = {k: v for k, v in _flat(cfg).items() if not any(k == n or (n.endswith(".") and k.startswith(n))
+                                                         for n in NOT_IDENTITY)}
+  if not with_steps:
+    flat.pop("steps", None)
+  return flat
+
+
+def config_diff(stored: dict, current: dict) -> list[tuple[str, Any, Any]]:
+  """[(key, stored value, current value)] of the identity settings that differ."""
+  decays = lambda cfg: cfg.get("optimizer", {}).get("schedule", "cosine") != "constant"
+  with_steps = decays(stored) or decays(current)
+  a, b = run_identity(stored, with_steps=with_steps), run_identity(current, with_steps=with_steps)
+  same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not same(a.get(k), b.get(k))]
+
 
 def config_fingerprint(config) -> str:
-  """Hash of the settings that define a run (not its length, logging or workdir)."""
-  d = json.loads(config.to_json_best_effort())
-  for key in ("workdir", "steps", "log_every", "checkpoint_every", "max_to_keep", "eval_every", "eval_batches",
-              "overwrite", "export"):
-    d.pop(key, None)
-  return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+  """Hash of the settings that define a run (`run_identity`)."""
+  d = config_dict(config)
+  ident = run_identity(d, with_steps=d["optimizer"]["schedule"] != "constant")
+  return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _ProcessLoaders:
+  """debug.data_processes = k on one process: the data read as processes 0..k-1 of a k-process run would
+  read it, rows concatenated in process order, which is how that run lays out its global batch (process
+  0's devices come first in the mesh). A test hook that lets one process reproduce a k-process run."""
+
+  def __init__(self, make, k: int):
+    self.parts = [make(i, k) for i in range(k)]
+
+  def __next__(self) -> dict:
+    batches = [next(p) for p in self.parts]
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+  def get_state(self) -> list:
+    return [p.get_state() for p in self.parts]
+
+  def set_state(self, states: list) -> None:
+    for p, s in zip(self.parts, states):
+      p.set_state(s)
+
+  def summary(self) -> str:
+    return "\n".join(p.summary() for p in self.parts)
 
 
 class Run:
@@ -41,11 +131,17 @@ class Run:
   def __init__(self, config):
     config_base.validate(config)
     self.config = c = config
+    distributed.initialize(c.distributed)  # before anything touches a device
     self.workdir = os.path.abspath(c.workdir)
-    os.makedirs(self.workdir, exist_ok=True)
+    if distributed.is_main():
+      os.makedirs(self.workdir, exist_ok=True)
+    distributed.barrier("jaxkd:workdir")
     self.mesh = shd.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
-    self.ckpt = ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"), max_to_keep=c.max_to_keep)
+    self.ckpt = self._checkpointer()
+    self._claim_workdir()
+    # With checkpoints present the run resumes (or fails loudly): it never starts afresh over them.
     self.resume_step = self.ckpt.latest_step()
+    self.skipped = 0  # steps whose update was skipped for NaN/Inf (restored from the checkpoint)
 
     # Models and tokenizers.
     self.student_path = models.hf_io.resolve_folder(tiny.resolve(c.student.path))
@@ -94,13 +190,74 @@ class Run:
     # Data.
     kw = dict(tokenizer=self.tokenizer, seq_len=c.data.seq_len, batch_size=c.data.batch_size, seed=c.seed,
               teacher_tokenizer=self.teacher_tokenizer, cache_dir=os.path.join(self.workdir, "data_cache"))
-    self.loader = data.make_loader(c.data, split="train", **kw)
+    self.data_processes = int(c.debug.data_processes) or jax.process_count()
+    if c.debug.data_processes:
+      if jax.process_count() != 1:
+        raise config_base.ConfigError(
+            f"config.debug.data_processes={c.debug.data_processes}: only for a single process (it imitates "
+            f"several); this run already has {jax.process_count()}")
+      make = lambda split: _ProcessLoaders(
+          lambda i, k: data.make_loader(c.data, split=split, process_index=i, process_count=k, **kw),
+          self.data_processes)
+    else:
+      make = lambda split: data.make_loader(c.data, split=split, **kw)
+    self.loader = make("train")
     try:
-      self.eval_loader = data.make_loader(c.data, split="eval", **kw)
+      self.eval_loader = make("eval")
       self.eval_start = self.eval_loader.get_state()
     except data.DataError as e:  # no held-out data configured: train without evaluation
       log.warning("no evaluation: %s", e)
       self.eval_loader = None
+
+  # --------------------------------------------------------------------------------------------------
+  # The workdir.
+
+  def _checkpointer(self) -> ckpt_lib.Checkpointer:
+    c = self.config
+    return ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"), max_to_keep=c.max_to_keep,
+                                 save_delay_s=float(c.debug.save_delay_s))
+
+  def _stored_config(self) -> tuple[dict, str] | None:
+    """(config dict, where it was read) of the run already in the workdir, or None for a new workdir."""
+    path = os.path.join(self.workdir, "config.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f), path
+    for step in reversed(self.ckpt.all_steps()):  # a workdir from before config.json, or one that lost it
+      try:
+        meta = self.ckpt.read_meta(step)
+      except Exception:  # noqa: BLE001  (a damaged checkpoint: the restore reports it)
+        continue
+      if "config" in meta:
+        return meta["config"], self.ckpt.step_dir(step)
+    return None
+
+  def _claim_workdir(self) -> None:
+    """Refuses a workdir that holds a run of another config, or moves that run aside (overwrite=True)."""
+    stored = self._stored_config()
+    if stored is None:
+      return
+    diff = config_diff(stored[0], config_dict(self.config))
+    if not diff:
+      return
+    shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:8]) + ("; ..." if len(diff) > 8 else "")
+    if any(k == "steps" for k, _, _ in diff):
+      shown += (" (steps is part of a run whose learning rate decays over it: changing it mid-run would change "
+                "every later learning rate; only optimizer.schedule=\"constant\" runs can be extended)")
+    aside = f"{self.workdir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not self.config.overwrite:
+      raise config_base.ConfigError(
+          f"workdir {self.workdir} holds a run of a different config ({stored[1]}): {len(diff)} setting(s) "
+          f"differ: {shown}. Resume it with its own settings, use another workdir, or set overwrite=True to "
+          f"move the old run to {self.workdir}.replaced-<time> and start afresh")
+    self.ckpt.close()
+    if distributed.is_main():
+      os.rename(self.workdir, aside)
+      os.makedirs(self.workdir)
+    distributed.barrier("jaxkd:overwrite")
+    log.warning("overwrite=True: the run of a different config in %s (%s) was moved to %s; starting afresh",
+                self.workdir, shown, aside)
+    self.ckpt = self._checkpointer()
 
   def _load(self, path, dtype, compute_dtype, remat, *, abstract: bool):
     if not abstract:
@@ -144,8 +301,13 @@ class Run:
       abstract = step_lib.TrainState(
           step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
           params=ckpt_lib.abstract_like(params, param_sh), opt_state=ckpt_lib.abstract_like(opt_abstract, opt_sh))
-      state, data_state, _ = self.ckpt.restore(self.resume_step, abstract)
-      self.loader.set_state(data_state)
+      restored = self.ckpt.restore_latest(abstract)
+      if restored is None:
+        raise ckpt_lib.CheckpointError(f"the checkpoints in {self.ckpt.directory} disappeared while starting; "
+                                       "rerun to resume from what is there")
+      self.resume_step, state, data_states, meta = restored
+      self._set_data_states(data_states)
+      self.skipped = int(meta.get("skipped_nonfinite", 0))
       return state
     params = jax.device_put(params, param_sh)  # a no-op for the loaded student; places a new projector
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
@@ -165,44 +327,106 @@ class Run:
                                              projector_def=self.projector_def, param_shardings=self.state_sh.params,
                                              teacher_shardings=t_sh, batch_shardings=batch_sh)
     self.t_params = t_params
-    meta = {"fingerprint": config_fingerprint(c)}
+    self.meta = {"fingerprint": config_fingerprint(c), "config": config_dict(c),
+                 "data_processes": self.data_processes}
+    if distributed.is_main():  # what the workdir holds, for the next start to compare with (_claim_workdir)
+      ckpt_lib.write_json(os.path.join(self.workdir, "config.json"), config_dict(c))
     if start == 0:
       log.info("%s", self.loader.summary())
     else:
       log.info("resuming from step %d in %s", start, self.workdir)
+    metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+    if start == c.steps and distributed.is_main():  # a finished run: its final evaluation is done again below
+      reporting.truncate_after(metrics_path, start, evals_at_step=False)
     report = reporting.Reporter(self.workdir, total_steps=c.steps, start_step=start, log_every=c.log_every,
                                 progress=c.progress)
+    watch = distributed.PreemptionWatch()
+    try:
+      with jax.set_mesh(self.mesh):
+        state = self._loop(state, train_step, t_params, start, report, watch)
+        if watch.signalled:  # after the last step nothing is left to save: finish within the grace period
+          log.warning("SIGTERM after the last step: finishing the evaluation and export")
+        final_eval = self.evaluate(state.params)
+        if final_eval is not None:
+          report.eval(c.steps, final_eval)
+      report.close()
+      self.ckpt.wait()
+      self.final_params = state.params
+      summary = {"step": c.steps, "eval": final_eval, "workdir": self.workdir}
+      if c.export.enabled:
+        summary["export"] = self.export(state.params)
+      if distributed.is_main():
+        ckpt_lib.write_json(os.path.join(self.workdir, "summary.json"), summary)
+      self.ckpt.close()
+      return summary
+    except BaseException:
+      self._finish_saving_quietly()  # a save already under way is finished, not lost with the run
+      raise
+    finally:
+      watch.close()
 
-    pending, last_time = None, time.time()
-    with jax.set_mesh(self.mesh):
-      for i in range(start, c.steps):
-        batch = self._global_batch(self.loader)
-        state, metrics = train_step(state, t_params, batch)
-        if pending is not None:  # the previous step's numbers: reading them does not stall dispatch
-          last_time = self._report(report, *pending, last_time)
-        pending = (i + 1, metrics)
-        if (i + 1) % c.checkpoint_every == 0 or i + 1 == c.steps:
-          self.ckpt.save(state, self.loader.get_state(), meta, step=i + 1)
-        if self.eval_loader and c.eval_every and (i + 1) % c.eval_every == 0 and i + 1 != c.steps:
-          report.eval(i + 1, self.evaluate(state.params))
-      if pending is not None:
-        self._report(report, *pending, last_time)
-      final_eval = self.evaluate(state.params)
-      if final_eval is not None:
-        report.eval(c.steps, final_eval)
-    report.close()
-    self.ckpt.wait()
-    self.final_params = state.params
-    summary = {"step": c.steps, "eval": final_eval, "workdir": self.workdir}
-    if c.export.enabled:
-      summary["export"] = self.export(state.params)
-    ckpt_lib.write_json(os.path.join(self.workdir, "summary.json"), summary)
-    self.ckpt.close()
-    return summary
+  def _loop(self, state, train_step, t_params, start: int, report, watch):
+    c = self.config
+    pending, self._last_time = None, time.time()
+    for i in range(start, c.steps):
+      step = i + 1
+      self.ckpt.raise_if_failed()  # a failed background save stops the run now, not at the next save
+      batch = self._global_batch(self.loader, poison=step == c.debug.poison_step)
+      state, metrics = train_step(state, t_params, batch)
+      if pending is not None:  # the previous step's numbers: reading them does not stall dispatch
+        self._report(report, *pending)
+      pending = (step, metrics)
+      preempted = watch.reached(step)
+      if preempted or step % c.checkpoint_every == 0 or step == c.steps:
+        # This step's numbers first: under nonfinite="stop" a NaN step must end the run before it is saved,
+        # and the count of skipped steps in the checkpoint must include it.
+        self._report(report, *pending)
+        pending = None
+        self._save(state, step)
+      if preempted:
+        log.warning("preemption notice (SIGTERM): saved step %d, stopping", step)
+        report.close()
+        self.ckpt.wait()
+        raise Preempted(step, self.ckpt.directory)
+      if self.eval_loader and c.eval_every and step % c.eval_every == 0 and step != c.steps:
+        report.eval(step, self.evaluate(state.params))
+    if pending is not None:
+      self._report(report, *pending)
+    return state
 
-  def _global_batch(self, loader) -> dict:
+  def _save(self, state, step: int) -> None:
+    meta = {**self.meta, "skipped_nonfinite": self.skipped}
+    self.ckpt.save(state, self._data_states(), meta, step=step)
+
+  def _finish_saving_quietly(self) -> None:
+    try:
+      self.ckpt.wait()
+    except Exception as e:  # noqa: BLE001  (the run is already failing with the error that matters)
+      log.error("%s", e)
+
+  def _data_states(self) -> list:
+    """The data position of every process (or imitated process), in process order."""
+    if isinstance(self.loader, _ProcessLoaders):
+      return self.loader.get_state()
+    return distributed.gather_json(self.loader.get_state())
+
+  def _set_data_states(self, states: list) -> None:
+    if len(states) != self.data_processes:
+      raise data.DataError(
+          f"the checkpoint's data position was saved by {len(states)} process(es) but this run reads the data as "
+          f"{self.data_processes}; each process reads its own share of the rows, so resume with "
+          f"distributed.num_processes={len(states)}")
+    if isinstance(self.loader, _ProcessLoaders):
+      self.loader.set_state(states)
+    else:
+      self.loader.set_state(states[jax.process_index()])
+
+  def _global_batch(self, loader, *, poison: bool = False) -> dict:
     local = next(loader)
-    return data.global_batch({k: local[k] for k in self.loss_cfg.batch_keys()}, self.mesh)
+    local = {k: local[k] for k in self.loss_cfg.batch_keys()}
+    if poison:  # debug.poison_step: a target id past the vocabulary makes the cross entropy NaN (test hook)
+      local["targets"] = np.full_like(local["targets"], np.iinfo(np.int32).max)
+    return data.global_batch(local, self.mesh)
 
   def _teacher(self):
     """(graphdef, parameters, shardings) of the teacher, or Nones without one."""
@@ -219,13 +443,24 @@ class Run:
     with jax.set_mesh(self.mesh):
       return self.evaluate({"student": nnx.to_pure_dict(s_state)})
 
-  @staticmethod
-  def _report(report, step: int, metrics, last_time: float) -> float:
+  def _report(self, report, step: int, metrics) -> None:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.time()
-    values["tokens_per_s"] = values["tokens"] / max(now - last_time, 1e-9)
+    values["tokens_per_s"] = values["tokens"] / max(now - self._last_time, 1e-9)
+    self._last_time = now
+    nonfinite = values.pop("nonfinite", 0.0) > 0
+    self.skipped += int(nonfinite)
+    values["skipped_nonfinite"] = float(self.skipped)
     report.step(step, values)
-    return now
+    if not nonfinite:
+      return
+    what = f"step {step}: the loss or gradients hold NaN or Inf (loss={values['loss']}, grad_norm={values['grad_norm']})"
+    if self.config.nonfinite == "stop":
+      raise NonFiniteError(
+          f"{what}; the update was not applied and the run stops (config.nonfinite=\"stop\"). The last checkpoint "
+          f"is step {self.ckpt.latest_step()}. Look for bad rows or lower optimizer.lr; nonfinite=\"skip\" skips "
+          "such steps instead")
+    log.warning("%s; update skipped (%d skipped so far, config.nonfinite=\"skip\")", what, self.skipped)
 
   def evaluate(self, params) -> dict[str, float] | None:
     """Held-out metrics over the eval split (the same batches every time); None without eval data."""

@@ -1,0 +1,234 @@
+"""Bad inputs, each refused with a message that names the problem and the fix; nothing already saved is lost.
+
+| input                                                        | message (the start; tested by the test named)              |
+|--------------------------------------------------------------|-------------------------------------------------------------|
+| `distill.alpha=1.5`, `distill.temperature=0`, `distill.kind="kl"`, `optimizer.micro_batches=3`, `teacher.path=""` | `config.distill.alpha=1.5: must be in [0, 1]` ... (tests/test_train.py) |
+| `nonfinite="maybe"`                                          | `config.nonfinite='maybe': "skip" skips a step with NaN/Inf ...` |
+| `checkpoint_every=0`, `steps=0`, `max_to_keep=0`             | `config.checkpoint_every=0: must be >= 1` ...               |
+| `data.seq_len=1`, `optimizer.lr=-1.0`, `student.path=""`     | `config.data.seq_len=1: must be >= 2` ...                   |
+| `distributed.coordinator` without `num_processes`            | `config.distributed.num_processes=0: with distributed.coordinator='127.0.0.1:1234' it must be the number of processes` |
+| `distributed.process_id=2` of 2                              | `config.distributed.process_id=2: must be in [0, 2)`        |
+| `distributed.heartbeat_timeout_s=0`                          | `config.distributed.heartbeat_timeout_s=0: must be >= 1`    |
+| `data.seq_len=4096` (longer than the model)                  | `... is longer than the student's max_position_embeddings=2048` (tests/test_train.py) |
+| `student.path` a folder that does not exist                  | `model folder '...' does not exist`                         |
+| `student.path` a folder without config.json                  | `... has no config.json; point to a Hugging Face model folder` |
+| `student.path` with model.safetensors cut short              | `.../model.safetensors is truncated ...`                    |
+| `student.path` with a weight missing                         | `...: 1 weight(s) that config.json implies are missing from the checkpoint, e.g. [...]` |
+| `student.path` whose config.json does not fit the weights    | `.../model.safetensors: weight model.layers.0.mlp.down_proj.weight has shape (64, 192) but config.json implies (64, 200); ...` |
+| teacher tokenizer differs from the student's (logit KD)      | `teacher tokenizer (...) differs from the student's ... distill.kind="hidden"` (tests/test_train.py) |
+| dataset rows with an unknown role / an empty conversation    | skipped and counted in the loader summary (`unknown_role: 1 in ... (rows 2400)`) |
+| the same rows with `data.strict=True`                        | `... row 2400: unknown_role: message 0 has role 'martian' (data.strict=True; set it False to skip and count such rows)` |
+| a workdir holding a run of another config                    | `workdir ... holds a run of a different config (.../config.json): 2 setting(s) differ: distill.alpha: 0.5 there, 0.7 now; seed: ... Resume it with its own settings, use another workdir, or set overwrite=True ...` |
+| the same without config.json (read from the checkpoint)      | the same message, naming `.../checkpoints/2`                |
+| `steps` changed under a decaying schedule                    | `steps: 2 there, 4 now (steps is part of a run whose learning rate decays over it ...)` |
+| `overwrite=True` over a run of another config                | not an error: the old run is moved to `<workdir>.replaced-<time>`, logged |
+| no space left while saving (a 2.6 MB tmpfs)                  | `error: saving checkpoint step 4 into .../checkpoints failed: ... No space left on device ... The finished checkpoints [2] are intact; fix the cause ...`, exit status 1 |
+| an error inside the background save (injected ENOSPC)        | the same message (tests/test_resilience.py)                 |
+| checkpoints none of which restores                           | `... holds checkpoints [2, 4, 6, 8] but none of them can be restored: ...` (tests/test_resilience.py) |
+| NaN/Inf under `nonfinite="stop"`                             | `step 3: the loss or gradients hold NaN or Inf ...` (tests/test_resilience.py) |
+"""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from jaxkd import checkpoint as ckpt_lib
+from jaxkd import config_base, data, models, tiny, trainer
+from tests import runs
+from tests.test_train import load_config
+
+SHORT = {"steps": 2, "checkpoint_every": 2, "data.eval_fraction": 0.0, "progress": False}
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("nonfinite", "maybe", r"config\.nonfinite='maybe': \"skip\" skips a step with NaN/Inf"),
+    ("checkpoint_every", 0, r"config\.checkpoint_every=0: must be >= 1"),
+    ("steps", 0, r"config\.steps=0: must be >= 1"),
+    ("max_to_keep", 0, r"config\.max_to_keep=0: must be >= 1"),
+    ("data.seq_len", 1, r"config\.data\.seq_len=1: must be >= 2"),
+    ("optimizer.lr", -1.0, r"config\.optimizer\.lr=-1\.0: must be >= 0"),
+    ("student.path", "", r"config\.student\.path='': is empty"),
+    ("distributed.heartbeat_timeout_s", 0, r"config\.distributed\.heartbeat_timeout_s=0: must be >= 1"),
+    ("distributed.coordinator", "127.0.0.1:1234",
+     r"config\.distributed\.num_processes=0: with distributed\.coordinator='127\.0\.0\.1:1234' it must be the "
+     r"number of processes"),
+])
+def test_bad_config_values_name_the_key(key, value, match):
+  with pytest.raises(config_base.ConfigError, match=match):
+    config_base.validate(load_config(**{key: value}))
+
+
+def test_process_id_out_of_range_is_named():
+  cfg = load_config(**{"distributed.coordinator": "127.0.0.1:1234", "distributed.num_processes": 2,
+                       "distributed.process_id": 2})
+  with pytest.raises(config_base.ConfigError, match=r"config\.distributed\.process_id=2: must be in \[0, 2\)"):
+    config_base.validate(cfg)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Weights.
+
+
+def _broken_student(tmp_path, damage):
+  folder = str(tmp_path / "student")
+  shutil.copytree(tiny.resolve("tiny:student"), folder)
+  damage(folder)
+  return folder
+
+
+def _drop_weight(folder):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  path = os.path.join(folder, "model.safetensors")
+  tensors = load_file(path)
+  tensors.pop("model.layers.1.mlp.up_proj.weight")
+  save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _truncate(folder):
+  path = os.path.join(folder, "model.safetensors")
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) - 100)
+
+
+def _edit_config(folder):
+  path = os.path.join(folder, "config.json")
+  with open(path) as f:
+    cfg = json.load(f)
+  cfg["intermediate_size"] = 200
+  with open(path, "w") as f:
+    json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("damage,error,match", [
+    (lambda f: shutil.rmtree(f), FileNotFoundError, r"model folder '.*student' does not exist"),
+    (lambda f: os.remove(os.path.join(f, "config.json")), models.CheckpointError,
+     r"student has no config\.json; point to a Hugging Face model folder"),
+    (_truncate, models.CheckpointError, r"student/model\.safetensors is truncated"),
+    (_drop_weight, models.CheckpointError,
+     r"student: 1 weight\(s\) that config\.json implies are missing from the checkpoint, e\.g\. "
+     r"\['model\.layers\.1\.mlp\.up_proj\.weight'\]"),
+    (_edit_config, models.CheckpointError,
+     r"weight model\.layers\.\d\.mlp\.(up|gate|down)_proj\.weight has shape \(\d+, \d+\) but config\.json implies"),
+], ids=["missing-folder", "no-config", "truncated", "missing-weight", "wrong-shape"])
+def test_a_broken_student_folder_gives_the_loaders_message(tmp_path, damage, error, match):
+  folder = _broken_student(tmp_path, damage)
+  cfg = load_config(**{"workdir": str(tmp_path / "run"), "student.path": folder,
+                       "student.tokenizer": data.TOKENIZER_DIR})
+  with pytest.raises(error, match=match):
+    trainer.Run(cfg)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data rows.
+
+
+def _rows_with_bad_ones(tmp_path) -> str:
+  path = str(tmp_path / "chats.jsonl")
+  shutil.copy(data.CHAT_SHAREGPT, path)
+  with open(data.CHAT_SHAREGPT) as f:
+    n = sum(1 for _ in f)
+  assert n == 2400
+  with open(path, "a") as f:
+    f.write(json.dumps({"conversations": [{"from": "martian", "value": "hi"}, {"from": "gpt", "value": "x"}]}) + "\n")
+    f.write(json.dumps({"conversations": [{"from": "human"}, {"from": "gpt", "value": "x"}]}) + "\n")
+  return path
+
+
+def test_malformed_rows_are_skipped_and_counted_or_named_under_strict(tmp_path):
+  sources = [dict(path=_rows_with_bad_ones(tmp_path))]
+  run = trainer.Run(load_config(**{"workdir": str(tmp_path / "run"), "data.sources": sources,
+                                   "data.eval_fraction": 0.0}))
+  skipped = run.loader.stats["skipped"]
+  assert skipped == {"unknown_role": 1, "missing_field": 1}, skipped
+  summary = run.loader.summary()
+  assert "unknown_role: 1 in" in summary and "(rows 2400)" in summary and "(rows 2401)" in summary
+  with pytest.raises(data.DataError, match=r"chats\.jsonl row 2400: unknown_role: message 0 has role 'martian' "
+                                           r"\(data\.strict=True; set it False to skip and count such rows\)"):
+    trainer.Run(load_config(**{"workdir": str(tmp_path / "strict"), "data.sources": sources,
+                               "data.eval_fraction": 0.0, "data.strict": True}))
+
+
+# --------------------------------------------------------------------------------------------------------
+# A workdir that holds another run.
+
+
+def _files(folder):
+  out = {}
+  for root, _, names in os.walk(folder):
+    for n in names:
+      p = os.path.join(root, n)
+      out[os.path.relpath(p, folder)] = os.path.getsize(p)
+  return out
+
+
+def test_a_workdir_of_another_config_is_refused_unless_overwrite(tmp_path, caplog):
+  workdir = str(tmp_path / "run")
+  trainer.run(load_config(workdir=workdir, **SHORT))
+  saved = _files(os.path.join(workdir, "checkpoints"))
+
+  with pytest.raises(config_base.ConfigError, match=(
+      rf"workdir {workdir} holds a run of a different config \({workdir}/config\.json\): 2 setting\(s\) differ: "
+      r"distill\.alpha: 0\.5 there, 0\.7 now; seed: 0 there, 3 now\. Resume it with its own settings, use another "
+      r"workdir, or set overwrite=True")):
+    trainer.Run(load_config(workdir=workdir, **SHORT, **{"distill.alpha": 0.7, "seed": 3}))
+  with pytest.raises(config_base.ConfigError, match=r"steps: 2 there, 4 now \(steps is part of a run whose learning "
+                                                    r"rate decays over it"):
+    trainer.Run(load_config(workdir=workdir, **dict(SHORT, steps=4)))
+  # Bookkeeping may change: how often to save, log or evaluate, the mesh, the non-finite policy.
+  trainer.Run(load_config(workdir=workdir, **dict(SHORT, checkpoint_every=1, log_every=5),
+                          **{"mesh.fsdp": 2, "mesh.data": -1, "nonfinite": "stop"}))
+  # Without config.json the checkpoint's own copy of the config decides.
+  os.remove(os.path.join(workdir, "config.json"))
+  with pytest.raises(config_base.ConfigError, match=rf"different config \({workdir}/checkpoints/2\): 1 setting"):
+    trainer.Run(load_config(workdir=workdir, **SHORT, **{"distill.alpha": 0.7}))
+  assert _files(os.path.join(workdir, "checkpoints")) == saved
+
+  with caplog.at_level("WARNING", logger="jaxkd"):
+    run = trainer.Run(load_config(workdir=workdir, overwrite=True, **SHORT, **{"distill.alpha": 0.7}))
+  assert run.resume_step is None  # a fresh start...
+  (aside,) = [d for d in os.listdir(tmp_path) if d.startswith("run.replaced-")]
+  assert _files(os.path.join(tmp_path, aside, "checkpoints")) == saved  # ...with the old run kept whole
+  assert f"was moved to {tmp_path / aside}" in caplog.text
+
+
+def test_constant_schedule_runs_may_be_extended():
+  stored = trainer.config_dict(load_config(**{"optimizer.schedule": "constant", "steps": 2}))
+  longer = trainer.config_dict(load_config(**{"optimizer.schedule": "constant", "steps": 4}))
+  assert trainer.config_diff(stored, longer) == []
+  decaying = trainer.config_dict(load_config(steps=4))
+  assert ("optimizer.schedule", "constant", "cosine") in trainer.config_diff(stored, decaying)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A full disk.
+
+
+def test_no_space_left_while_saving(tmp_path):
+  """A real full disk: checkpoints/ on a 2.6 MB tmpfs holds one checkpoint (1.8 MB) but not two."""
+  workdir = str(tmp_path / "run")
+  ck = os.path.join(workdir, "checkpoints")
+  os.makedirs(ck)
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs", ck], capture_output=True, text=True)
+  if mounted.returncode:
+    pytest.skip(f"mounting a small tmpfs needs root ({mounted.stderr.strip()}); "
+                "test_a_failed_background_save_stops_the_run covers the same path with an injected ENOSPC")
+  try:
+    rc, out = runs.run(runs.command(workdir, **dict(SHORT, steps=6)), str(tmp_path / "log.txt"))
+    assert rc == 1, out[-3000:]
+    # One line says what happened, what is intact and what to do (Orbax logs the failed writes before it).
+    (line,) = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert (line.startswith(f"error: saving checkpoint step 4 into {ck} failed:") and "No space left on device" in line
+            and "The finished checkpoints [2] are intact" in line and "resume from step 2" in line), out[-3000:]
+    assert out.strip().splitlines()[-1] == line, out[-2000:]  # and it is the last thing printed
+    # Checkpoint 2 is whole: its arrays match the checksums saved with them.
+    with open(os.path.join(ck, "2", "meta", "metadata")) as f:
+      meta = json.load(f)
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    arrays = ocp.StandardCheckpointer().restore(os.path.join(ck, "2", "state"))
+    sums, nonfinite = ckpt_lib.inspect({"params": arrays["params"]})
+    assert not nonfinite and sums == {k: v for k, v in meta["checksums"].items() if k.startswith("['params']")}
+  finally:
+    subprocess.run(["umount", ck], check=True)

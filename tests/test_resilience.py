@@ -1,0 +1,268 @@
+"""Interrupted and damaged runs: kill -9 (mid-save too) and SIGTERM resume bitwise; damaged checkpoints fall
+back to the previous good one or stop the run; a failed background save stops it; NaN/Inf steps are skipped
+or stop the run and never reach a checkpoint.
+
+The reference is one uninterrupted run in this process; the interrupted runs are `python -m jaxkd.train`
+subprocesses with the same numerics (tests/runs.py), so "bitwise" compares the two paths as a user meets them.
+"""
+
+import errno
+import glob
+import logging
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxkd import checkpoint as ckpt_lib
+from jaxkd import step as step_lib
+from jaxkd import trainer
+from tests import runs
+from tests.test_step import _batch, _setup
+from tests.test_train import load_config
+
+# Ten steps, checkpoints at 3, 6, 9 and 10; no held-out split (evaluation is tested elsewhere).
+RUN = {"steps": 10, "checkpoint_every": 3, "data.eval_fraction": 0.0, "export.dtype": "float32",
+       "progress": False}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """(train metric rows, exported safetensors bytes) of the uninterrupted run."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  trainer.run(load_config(workdir=workdir, **RUN))
+  return runs.train_rows(workdir), runs.export_bytes(workdir)
+
+
+def test_killed_and_preempted_runs_resume_bitwise(tmp_path, reference):
+  """SIGTERM, then kill -9 during a save, between saves and during the final save; each time the same
+  command again. The final metrics (every step, each from the run that last computed it) and the export
+  equal the uninterrupted run's bitwise."""
+  workdir = str(tmp_path / "run")
+  # Every save is held open 2 s (a test hook), so a kill can land inside one.
+  cmd = runs.command(workdir, **RUN, **{"debug.save_delay_s": 2.0})
+  logs = iter(str(tmp_path / f"log{i}.txt") for i in range(10))
+
+  # 1. SIGTERM soon after the first step: the run saves the step it reaches and exits with 75.
+  p = runs.Proc(cmd, next(logs))
+  p.wait_for(lambda: runs.last_step(workdir) >= 1, "step 1 in metrics.jsonl")
+  p.signal(signal.SIGTERM)
+  assert p.wait() == trainer.EXIT_PREEMPTED, p.tail()
+  preempted = runs.finished_steps(workdir)[-1]
+  assert f"preempted: saved checkpoint step {preempted}" in p.output()
+  assert runs.last_step(workdir) == preempted  # metrics are written up to the saved step, no further
+  assert preempted < 6, f"SIGTERM reached the run only at step {preempted}; the chain below needs < 6"
+
+  # 2. kill -9 while the next regular checkpoint is being written: only its temporary folder exists.
+  saving = 3 * (preempted // 3 + 1)
+  p = runs.Proc(cmd, next(logs))
+  p.wait_for(lambda: runs.unfinished(workdir, saving), f"the save of step {saving} to start")
+  p.kill()
+  assert runs.unfinished(workdir, saving) and saving not in runs.finished_steps(workdir)
+  assert f"resuming from step {preempted}" in p.output()
+
+  # 3. kill -9 between saves, two steps after that checkpoint finished: metrics.jsonl runs ahead of it.
+  p = runs.Proc(cmd, next(logs))
+  p.wait_for(lambda: saving in runs.finished_steps(workdir) and runs.last_step(workdir) >= saving + 2,
+             f"checkpoint {saving} and step {saving + 2}")
+  p.kill()
+  assert f"resuming from step {preempted}" in p.output()
+  assert not runs.unfinished(workdir, saving)  # the unfinished folder of the killed save was cleaned up
+
+  # 4. kill -9 during the final save (step 10): 9 is finished then, 10 is not.
+  p = runs.Proc(cmd, next(logs))
+  p.wait_for(lambda: runs.unfinished(workdir, 10), "the save of step 10 to start")
+  p.kill()
+  assert 9 in runs.finished_steps(workdir) and 10 not in runs.finished_steps(workdir)
+  assert f"resuming from step {saving}" in p.output()
+
+  # 5. The same command once more finishes the run.
+  p = runs.Proc(cmd, next(logs))
+  assert p.wait() == 0, p.tail()
+  assert "resuming from step 9" in p.output()
+  want_rows, want_export = reference
+  runs.assert_same_rows(runs.train_rows(workdir), want_rows)
+  assert runs.export_bytes(workdir) == want_export
+  assert not runs.unfinished(workdir)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Damaged checkpoints.
+
+
+def _array_files(step_dir):
+  return sorted(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")), key=os.path.getsize)
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_good_one(tmp_path, caplog):
+  workdir = str(tmp_path / "run")
+  cfg = dict(RUN, steps=8, checkpoint_every=2, max_to_keep=4)
+  trainer.run(load_config(workdir=workdir, **cfg))
+  want_rows, want_export = runs.train_rows(workdir), runs.export_bytes(workdir)
+  ck = os.path.join(workdir, "checkpoints")
+  assert runs.finished_steps(workdir) == [2, 4, 6, 8]
+  os.remove(os.path.join(ck, "8", "meta", "metadata"))  # metadata missing
+  big = _array_files(os.path.join(ck, "6"))[-1]
+  with open(big, "r+b") as f:  # an array file cut short
+    f.truncate(os.path.getsize(big) // 2)
+  # Arrays of another step in place of step 4's: Orbax reads them without complaint, the checksums do not.
+  shutil.rmtree(os.path.join(ck, "4", "state"))
+  shutil.copytree(os.path.join(ck, "2", "state"), os.path.join(ck, "4", "state"))
+  os.makedirs(os.path.join(ck, "10.orbax-checkpoint-tmp", "state"))  # an unfinished save: ignored
+
+  with caplog.at_level(logging.INFO, logger="jaxkd"):
+    trainer.run(load_config(workdir=workdir, **cfg))
+  text = caplog.text
+  for step, why in ((8, "FileNotFoundError"), (6, ""), (4, "differ from the checksums saved with them")):
+    assert f"checkpoint {os.path.join(ck, str(step))} is damaged and cannot be restored" in text, text
+    assert why in text
+  assert "resuming from checkpoint step 2, the newest one that restores" in text
+  assert "resuming from step 2" in text
+  runs.assert_same_rows(runs.train_rows(workdir), want_rows)
+  assert runs.export_bytes(workdir) == want_export
+  # Nothing is deleted: the damaged checkpoints were moved aside; the unfinished folder was removed.
+  moved = sorted(int(n.split("-")[0]) for n in os.listdir(ck + ".damaged"))
+  assert moved == [4, 6, 8]
+  assert not runs.unfinished(workdir)
+
+  # When no checkpoint restores: an error naming each, never a fresh start, nothing moved.
+  for step in runs.finished_steps(workdir):
+    os.remove(os.path.join(ck, str(step), "meta", "metadata"))
+  before = sorted(os.listdir(ck))
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"holds checkpoints \[2, 4, 6, 8\] but none of them can "
+                                                     r"be restored:\n.*/checkpoints/8: FileNotFoundError"):
+    trainer.run(load_config(workdir=workdir, **cfg))
+  assert sorted(os.listdir(ck)) == before
+
+
+def _wait_until_unchanged(folder, quiet_s=1.0, timeout_s=60.0):
+  def listing():
+    return sorted((root, n, os.path.getsize(os.path.join(root, n))) for root, _, names in os.walk(folder)
+                  for n in names if os.path.exists(os.path.join(root, n)))
+  seen, since, deadline = listing(), time.time(), time.time() + timeout_s
+  while time.time() < deadline and time.time() - since < quiet_s:
+    time.sleep(0.1)
+    now = listing()
+    if now != seen:
+      seen, since = now, time.time()
+
+
+def test_a_failed_background_save_stops_the_run(tmp_path, monkeypatch):
+  """An error raised inside the asynchronous write (here ENOSPC, injected) ends the run with it; the
+  checkpoints finished before are intact and the run resumes from them."""
+  workdir = str(tmp_path / "run")
+  cfg = dict(RUN, steps=6, checkpoint_every=2)
+  original = ckpt_lib._MetaHandler._save_fn
+
+  async def failing(self, x, directory):
+    if x["step"] >= 4:
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return await original(self, x, directory)
+
+  monkeypatch.setattr(ckpt_lib._MetaHandler, "_save_fn", failing)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"saving checkpoint step 4 into .*/checkpoints failed: "
+                                                     r"OSError: \[Errno 28\] No space left on device.*"
+                                                     r"checkpoints \[2\] are intact.*resume from step 2"):
+    trainer.run(load_config(workdir=workdir, **cfg))
+  assert runs.finished_steps(workdir) == [2]
+  assert runs.last_step(workdir) <= 5  # it stopped at the next step, not at the end of the run
+  monkeypatch.setattr(ckpt_lib._MetaHandler, "_save_fn", original)
+  # The failed save's other arrays are still being written by TensorStore threads for a moment after the
+  # error. A new process never sees them (they die with the old one); this one waits for them to end.
+  _wait_until_unchanged(os.path.join(workdir, "checkpoints"))
+  trainer.run(load_config(workdir=workdir, **cfg))
+  assert runs.finished_steps(workdir)[-1] == 6 and [r["step"] for r in runs.train_rows(workdir)] == list(range(1, 7))
+
+
+# --------------------------------------------------------------------------------------------------------
+# NaN and Inf.
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_unchanged():
+  lc = step_lib.LossConfig(alpha=0.5, vocab_size=61)
+  fn, state, t_params = _setup(lc, steps=4)
+  state, m = fn(state, t_params, _batch(0))
+  assert float(m["nonfinite"]) == 0.0
+  before = jax.device_get(state)
+  bad = _batch(1)
+  bad["targets"][2, 3] = 10_000  # outside the vocabulary, on a trained token: the cross entropy is NaN
+  assert bad["loss_mask"][2, 3] > 0
+  state, m = fn(state, t_params, bad)
+  assert np.isnan(float(m["loss"])) and float(m["nonfinite"]) == 1.0
+  after = jax.device_get(state)
+  assert int(after.step) == int(before.step) + 1
+  _assert_same((after.params, after.opt_state), (before.params, before.opt_state))
+
+  # An Inf in a parameter makes the loss and the gradients non-finite: skipped as well, the Adam moments
+  # are not poisoned.
+  emb = after.params["student"]["embed_tokens"]["embedding"].copy()
+  emb[0, 0] = np.inf
+  params = {"student": {**after.params["student"], "embed_tokens": {"embedding": emb}}}
+  state = step_lib.TrainState(step=jnp.asarray(after.step), params=jax.tree.map(jnp.asarray, params),
+                              opt_state=jax.tree.map(jnp.asarray, after.opt_state))
+  state, m = fn(state, t_params, _batch(2))
+  assert float(m["nonfinite"]) == 1.0
+  _assert_same(jax.device_get((state.params, state.opt_state)), (params, after.opt_state))
+
+  # The same batch without the bad target updates the parameters.
+  fn, state, t_params = _setup(lc, steps=4)
+  state, _ = fn(state, t_params, _batch(0))
+  state, m = fn(state, t_params, _batch(1))
+  assert float(m["nonfinite"]) == 0.0
+  assert not np.array_equal(jax.device_get(state.params["student"]["embed_tokens"]["embedding"]),
+                            before.params["student"]["embed_tokens"]["embedding"])
+
+
+def _saved_arrays(workdir, step):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def test_a_poisoned_batch_is_skipped_and_counted(tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.run(load_config(workdir=workdir, **dict(RUN, steps=4, checkpoint_every=1, max_to_keep=5),
+                          **{"debug.poison_step": 2}))
+  rows = runs.train_rows(workdir)
+  assert [r["skipped_nonfinite"] for r in rows] == [0, 1, 1, 1]
+  assert np.isnan(rows[1]["loss"]) and all(np.isfinite(r["loss"]) for r in rows if r["step"] != 2)
+  one, two, three = (_saved_arrays(workdir, s) for s in (1, 2, 3))
+  _assert_same((one["params"], one["opt_state"]), (two["params"], two["opt_state"]))  # step 2 changed nothing
+  assert not np.array_equal(two["params"]["student"]["embed_tokens"]["embedding"],
+                            three["params"]["student"]["embed_tokens"]["embedding"])
+  for leaf in jax.tree.leaves(two["params"]):
+    assert np.isfinite(leaf).all()
+
+
+def test_nonfinite_stop_ends_the_run_before_saving_that_step(tmp_path):
+  workdir = str(tmp_path / "run")
+  cfg = load_config(workdir=workdir, **dict(RUN, steps=4, checkpoint_every=1, max_to_keep=5),
+                    **{"debug.poison_step": 3, "nonfinite": "stop"})
+  with pytest.raises(trainer.NonFiniteError, match=r"step 3: the loss or gradients hold NaN or Inf.*"
+                                                   r"run stops \(config\.nonfinite=\"stop\"\)\. The last checkpoint "
+                                                   r"is step 2"):
+    trainer.run(cfg)
+  assert runs.finished_steps(workdir) == [1, 2]
+  assert runs.last_step(workdir) == 3
+
+
+def test_a_checkpoint_never_holds_nonfinite_arrays(tmp_path):
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
+  good = step_lib.TrainState(step=jnp.int32(1), params={"w": jnp.ones((4, 3))}, opt_state={"mu": jnp.zeros(3)})
+  ck.save(good, [{}], {}, step=1)
+  ck.wait()
+  bad = good.replace(step=jnp.int32(2), params={"w": jnp.ones((4, 3)).at[1, 2].set(jnp.nan)})
+  with pytest.raises(ckpt_lib.NonFiniteError, match=r"not saving step 2: 1 array\(s\) hold NaN or Inf, e\.g\. "
+                                                    r"\[\"\['params'\]\['w'\]\"\].*last good checkpoint is step 1"):
+    ck.save(bad, [{}], {}, step=2)
+  ck.close()
+  assert runs.finished_steps(str(tmp_path)) == [1] and not runs.unfinished(str(tmp_path))
