@@ -5,29 +5,17 @@ checkpointed, never exported), alongside CE on the labels.
   python -m jaxkd.train --config configs/qwen2_hidden.py --config.workdir=/path/to/run
 """
 
-from jaxkd.config_base import base_config
+from jaxkd.config_base import base_config, hub_defaults
 
 
 def get_config():
-  c = base_config()
+  c = hub_defaults(base_config())
   c.workdir = "workdir/qwen2_hidden"
-  c.steps = 5000
-  c.checkpoint_every = 500
-  c.eval_every = 500
   c.student.path = "Qwen/Qwen2-1.5B"
-  c.student.compute_dtype = "bfloat16"
-  c.student.remat = "dots_no_batch"
   c.teacher.path = "Qwen/Qwen2-7B"
-  c.teacher.dtype = "bfloat16"
   c.distill.kind = "hidden"
   c.distill.alpha = 0.0  # CE weight 1 - alpha = 1
   c.distill.hidden.weight = 1.0
   c.distill.hidden.loss = "cosine"
   c.distill.hidden.layer_norm = True
-  c.optimizer.lr = 2e-5
-  c.optimizer.warmup_steps = 100
-  c.data.seq_len = 4096
-  c.data.batch_size = 64
-  c.data.eval_fraction = 0.01
-  c.data.eval_batches = 16
   return c

@@ -5,16 +5,13 @@
 With alpha = 0 the train step has no teacher forward at all.
 """
 
-import importlib.util
 import os
+
+from jaxkd import config_base
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location("qwen2_logit", os.path.join(os.path.dirname(__file__),
-                                                                            "qwen2_logit.py"))
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
-  c = base.get_config()
+  c = config_base.load(os.path.join(os.path.dirname(__file__), "qwen2_logit.py"))
   c.workdir = "workdir/sft"
   c.teacher.path = ""
   c.distill.alpha = 0.0

@@ -6,9 +6,14 @@ returned ConfigDict is locked, so a misspelt `--config.key=value` override fails
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from jaxkd import distributed, hidden, losses
+from jaxkd.models import attention as attention_lib
+from jaxkd.models import transformer as transformer_lib
 
 NONFINITE = ("skip", "stop")
 
@@ -36,11 +41,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.param_dtype = "float32"  # master weights
   c.student.compute_dtype = "bfloat16"
   c.student.remat = "none"  # none | full | dots | dots_no_batch
+  # auto: cuDNN flash attention on GPU (bf16/fp16), Pallas splash on TPU, XLA elsewhere | xla | cudnn | splash
+  c.student.attention = "auto"
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.path = ""
   c.teacher.tokenizer = ""
   c.teacher.dtype = "bfloat16"  # parameters and compute
+  c.teacher.attention = "auto"
 
   c.distill = ml_collections.ConfigDict()
   c.distill.kind = "forward_kl"  # forward_kl | reverse_kl | jsd | tvd | skew_kl
@@ -106,6 +114,67 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def tiny_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What every tiny config shares: float32 on a CPU, the bundled chats, about a minute of training."""
+  c.steps = 60
+  c.checkpoint_every = 20
+  c.student.compute_dtype = "float32"
+  c.teacher.dtype = "float32"
+  c.distill.chunk_size = 256
+  c.optimizer.lr = 3e-3
+  c.optimizer.warmup_steps = 5
+  c.data.eval_fraction = 0.05  # the same held-out rows in every tiny config (data.eval_seed = 0)
+  c.data.eval_batches = 4
+  c.data.seq_len = 128
+  c.data.batch_size = 8
+  return c
+
+
+def hub_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What the configs of real hub models share: bf16 compute, rematerialised layers, 4k-token rows."""
+  c.steps = 5000
+  c.checkpoint_every = 500
+  c.eval_every = 500
+  c.student.param_dtype = "float32"
+  c.student.compute_dtype = "bfloat16"
+  c.student.remat = "dots_no_batch"
+  c.teacher.dtype = "bfloat16"
+  c.optimizer.lr = 2e-5
+  c.optimizer.warmup_steps = 100
+  c.data.seq_len = 4096
+  c.data.batch_size = 64
+  c.data.eval_fraction = 0.01
+  c.data.eval_batches = 16
+  return c
+
+
+def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file at `path`, with dotted overrides ({"data.seq_len": 64}) applied."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"jaxkd_config_{name}", path)
+  if spec is None or not os.path.exists(path):
+    raise ConfigError(f"no config file at {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return apply_overrides(module.get_config(), overrides or {})
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets each dotted key ("optimizer.lr") to its value; an unknown key raises ConfigError."""
+  for key, value in overrides.items():
+    node = c
+    *parents, last = key.split(".")
+    try:
+      for part in parents:
+        node = node[part]
+      if last not in node:
+        raise KeyError(last)
+      node[last] = value
+    except KeyError:
+      raise ConfigError(f"config.{key}: no such key (base_config in jaxkd/config_base.py lists them all)") from None
+  return c
+
+
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
 
@@ -133,6 +202,11 @@ def validate(c) -> None:
     need(c.distill.teacher_top_k >= 1, "distill.teacher_top_k", "must be >= 1 or None")
     need(c.distill.kind != "reverse_kl", "distill.teacher_top_k",
          "cannot be used with reverse_kl (the truncated teacher makes it infinite)")
+  for side in ("student", "teacher"):
+    need(c[side].attention in attention_lib.IMPLEMENTATIONS, f"{side}.attention",
+         f"use one of {', '.join(attention_lib.IMPLEMENTATIONS)} (auto picks per platform)")
+  need(c.student.remat in transformer_lib.REMAT_POLICIES, "student.remat",
+       f"use one of {', '.join(sorted(transformer_lib.REMAT_POLICIES))}")
   need(c.nonfinite in NONFINITE, "nonfinite",
        '"skip" skips a step with NaN/Inf loss or gradients and counts it, "stop" ends the run there')
   need(c.max_to_keep >= 1, "max_to_keep", "must be >= 1 (the checkpoints kept; older ones are deleted)")

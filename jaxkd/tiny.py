@@ -1,7 +1,9 @@
 """Tiny randomly initialised models on the bundled tokenizer, built on first use into a cache folder.
 
 A config names them as `tiny:NAME` wherever it takes a model path. Their embedding tables are padded
-past the tokenizer (like Qwen2's 151936/152064 rows), so the tiny runs exercise the vocabulary cut.
+past the tokenizer (like Qwen2's 151936/152064 rows), so the tiny runs exercise the vocabulary cut. All
+but one use the bundled tokenizer; `llama-teacher-othertok` uses the second bundled BPE, so a run with it
+as the teacher needs cross-tokenizer (hidden-state) distillation.
 """
 
 from __future__ import annotations
@@ -12,17 +14,26 @@ import os
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 TOKENIZER_DIR = os.path.join(ASSETS, "tokenizer")
+OTHER_TOKENIZER_DIR = os.path.join(ASSETS, "tokenizer_other")
 
 _QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
           "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "use_sliding_window": False,
           "attention_dropout": 0.0, "initializer_range": 0.02}
 
+_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+          "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}
+
 TINY_CONFIGS = {
     # A cross-architecture pair for hidden-state distillation (Llama teacher, StableLM student).
-    "llama-teacher": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
-                      "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-                      "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-                      "num_key_value_heads": 2, "vocab_size": 832, "tie_word_embeddings": False},
+    "llama-teacher": {**_LLAMA, "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 4,
+                      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 832,
+                      "tie_word_embeddings": False},
+    # The same teacher on another tokenizer (512 tokens): only hidden states can be distilled from it.
+    "llama-teacher-othertok": None,  # filled in below
+    # A Llama student for the Qwen2 teacher (Qwen2 -> Llama across architectures).
+    "llama-student": {**_LLAMA, "hidden_size": 48, "intermediate_size": 128, "num_hidden_layers": 3,
+                      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 800,
+                      "tie_word_embeddings": True},
     "stablelm-student": {"model_type": "stablelm", "architectures": ["StableLmForCausalLM"], "hidden_act": "silu",
                          "max_position_embeddings": 2048, "layer_norm_eps": 1e-5, "rope_theta": 10000,
                          "partial_rotary_factor": 0.25, "use_qkv_bias": True, "hidden_size": 64,
@@ -33,6 +44,8 @@ TINY_CONFIGS = {
     "student": {**_QWEN2, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 800, "tie_word_embeddings": True},
 }
+TINY_CONFIGS["llama-teacher-othertok"] = {**TINY_CONFIGS["llama-teacher"], "vocab_size": 576}
+TOKENIZERS = {"llama-teacher-othertok": OTHER_TOKENIZER_DIR}  # the rest use TOKENIZER_DIR
 
 
 def cache_root() -> str:
@@ -56,17 +69,17 @@ def resolve(path: str, *, seed: int = 0) -> str:
   if name not in TINY_CONFIGS:
     known = [*("tiny:" + n for n in TINY_CONFIGS), *("tiny:" + n for n in BUNDLED)]
     raise ValueError(f"unknown tiny model {path!r}; known: {', '.join(known)}")
-  hf = TINY_CONFIGS[name]
-  with open(os.path.join(TOKENIZER_DIR, "tokenizer.json"), "rb") as f:
+  hf, tok_dir = TINY_CONFIGS[name], TOKENIZERS.get(name, TOKENIZER_DIR)
+  with open(os.path.join(tok_dir, "tokenizer.json"), "rb") as f:
     tok_hash = hashlib.sha256(f.read()).hexdigest()
   key = hashlib.sha256(json.dumps([hf, tok_hash, seed], sort_keys=True).encode()).hexdigest()[:10]
   folder = os.path.join(cache_root(), "tiny", f"{name}-{key}")
   if not os.path.exists(os.path.join(folder, "config.json")):
-    _build(folder, hf, seed)
+    _build(folder, hf, seed, tok_dir)
   return folder
 
 
-def _build(folder: str, hf: dict, seed: int) -> None:
+def _build(folder: str, hf: dict, seed: int, tok_dir: str) -> None:
   # Imported here: building is rare and pulls in the model code.
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
@@ -75,5 +88,5 @@ def _build(folder: str, hf: dict, seed: int) -> None:
 
   cfg = models.config_from_hf(hf)
   model = models.Transformer(cfg, rngs=nnx.Rngs(seed))
-  tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+  tokenizer = AutoTokenizer.from_pretrained(tok_dir)
   models.save_pretrained(model, folder, tokenizer=tokenizer)

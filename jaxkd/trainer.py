@@ -52,7 +52,9 @@ EXPECTED_ERRORS = (config_base.ConfigError, ckpt_lib.CheckpointError, NonFiniteE
 # later learning rate, so only a constant schedule can be extended.
 NOT_IDENTITY = ("workdir", "log_every", "progress", "checkpoint_every", "max_to_keep", "eval_every", "overwrite",
                 "nonfinite", "export.", "debug.", "distributed.", "mesh.", "data.cache_dir", "data.num_workers",
-                "data.encode_chunk", "data.prefetch", "data.eval_batches")
+                "data.encode_chunk", "data.prefetch", "data.eval_batches",
+                # how the same numbers are computed: a run may resume on another chip or memory budget
+                "student.attention", "teacher.attention", "student.remat")
 
 
 class Preempted(Exception):
@@ -153,7 +155,7 @@ class Run:
     with jax.set_mesh(self.mesh):
       # On resume the student's weights come from the checkpoint: build it abstractly, read nothing.
       self.student = self._load(self.student_path, c.student.param_dtype, c.student.compute_dtype,
-                                c.student.remat, abstract=self.resume_step is not None)
+                                c.student.remat, c.student.attention, abstract=self.resume_step is not None)
       self.teacher = None
       if self.uses_teacher:
         self.teacher_path = models.hf_io.resolve_folder(tiny.resolve(c.teacher.path))
@@ -167,7 +169,8 @@ class Run:
                 "needs a shared tokenizer. Distil hidden states instead: distill.kind=\"hidden\" and "
                 "distill.hidden.weight=1.0 (aligned at positions where both tokenizers end a token)")
           self.teacher_tokenizer = t_tok
-        self.teacher = self._load(self.teacher_path, c.teacher.dtype, c.teacher.dtype, "none", abstract=False)
+        self.teacher = self._load(self.teacher_path, c.teacher.dtype, c.teacher.dtype, "none", c.teacher.attention,
+                                  abstract=False)
     self._check_lengths_and_vocab()
 
     pairs = ()
@@ -259,27 +262,36 @@ class Run:
                 self.workdir, shown, aside)
     self.ckpt = self._checkpointer()
 
-  def _load(self, path, dtype, compute_dtype, remat, *, abstract: bool):
+  def _load(self, path, dtype, compute_dtype, remat, attention, *, abstract: bool):
     if not abstract:
-      return models.from_pretrained(path, dtype=dtype, compute_dtype=compute_dtype, mesh=self.mesh, remat=remat)
+      return models.from_pretrained(path, dtype=dtype, compute_dtype=compute_dtype, mesh=self.mesh, remat=remat,
+                                    attention=attention)
     cfg = models.config_from_hf(models.read_config(path))
     pd, cd = models.hf_io.resolve_dtype(dtype), models.hf_io.resolve_dtype(compute_dtype)
-    return nnx.eval_shape(lambda: models.Transformer(cfg, param_dtype=pd, dtype=cd, remat=remat,
+    return nnx.eval_shape(lambda: models.Transformer(cfg, param_dtype=pd, dtype=cd, remat=remat, attention=attention,
                                                      rngs=nnx.Rngs(0)))
 
   def _check_lengths_and_vocab(self):
     c = self.config
-    for name, model in (("student", self.student), ("teacher", self.teacher)):
-      if model is not None and c.data.seq_len > model.cfg.max_position_embeddings:
+    cross = self.teacher_tokenizer is not None  # the teacher reads rows of its own tokens
+    t_len_key = "data.teacher_seq_len" if cross and c.data.teacher_seq_len else "data.seq_len"
+    for name, model, key in (("student", self.student, "data.seq_len"), ("teacher", self.teacher, t_len_key)):
+      length = c.data.teacher_seq_len if key == "data.teacher_seq_len" else c.data.seq_len
+      if model is not None and length > model.cfg.max_position_embeddings:
         raise config_base.ConfigError(
-            f"config.data.seq_len={c.data.seq_len} is longer than the {name}'s max_position_embeddings="
-            f"{model.cfg.max_position_embeddings}; lower data.seq_len")
-    dims = [self.student.cfg.vocab_size] + ([self.teacher.cfg.vocab_size] if self.teacher is not None else [])
+            f"config.{key}={length} is longer than the {name}'s max_position_embeddings="
+            f"{model.cfg.max_position_embeddings}; lower {key}")
+    shares_vocab = self.teacher is not None and not cross
+    dims = [self.student.cfg.vocab_size] + ([self.teacher.cfg.vocab_size] if shares_vocab else [])
     self.vocab_size = int(c.distill.vocab_size or len(self.tokenizer))
     if self.vocab_size > min(dims):
       raise config_base.ConfigError(
           f"config.distill.vocab_size={self.vocab_size} (default: the tokenizer's {len(self.tokenizer)} tokens) "
           f"exceeds a model's vocab dim {min(dims)}; the tokenizer does not belong to these models")
+    if cross and len(self.teacher_tokenizer) > self.teacher.cfg.vocab_size:
+      raise config_base.ConfigError(
+          f"the teacher's tokenizer has {len(self.teacher_tokenizer)} tokens but the teacher's vocab dim is "
+          f"{self.teacher.cfg.vocab_size}; config.teacher.tokenizer does not belong to config.teacher.path")
 
   # --------------------------------------------------------------------------------------------------
 

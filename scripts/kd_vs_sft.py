@@ -30,22 +30,10 @@ MODES = {
 
 
 def make_config(workdir, seed, steps, overrides):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("tiny_logit", os.path.join(ROOT, "configs", "tiny_logit.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.workdir, c.seed, c.steps = workdir, seed, steps
-  c.checkpoint_every = steps
-  c.eval_every = max(1, steps // 6)
-  c.progress = False
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return c
+  from jaxkd import config_base  # pylint: disable=import-outside-toplevel
+  return config_base.load(os.path.join(ROOT, "configs", "tiny_logit.py"), {
+      "workdir": workdir, "seed": seed, "steps": steps, "checkpoint_every": steps,
+      "eval_every": max(1, steps // 6), "progress": False, **overrides})
 
 
 def main():

@@ -6,6 +6,9 @@
 | `nonfinite="maybe"`                                          | `config.nonfinite='maybe': "skip" skips a step with NaN/Inf ...` |
 | `checkpoint_every=0`, `steps=0`, `max_to_keep=0`             | `config.checkpoint_every=0: must be >= 1` ...               |
 | `data.seq_len=1`, `optimizer.lr=-1.0`, `student.path=""`     | `config.data.seq_len=1: must be >= 2` ...                   |
+| `student.attention="flash"`, `teacher.attention="fast"`, `student.remat="some"` | `config.student.attention='flash': use one of auto, xla, cudnn, splash ...` |
+| a misspelt override (`optimizer.learning_rate`)              | `config.optimizer.learning_rate: no such key ...`           |
+| teacher tokenizer larger than the teacher's vocab (cross-tokenizer) | `the teacher's tokenizer has N tokens but the teacher's vocab dim is M ...` |
 | `distributed.coordinator` without `num_processes`            | `config.distributed.num_processes=0: with distributed.coordinator='127.0.0.1:1234' it must be the number of processes` |
 | `distributed.process_id=2` of 2                              | `config.distributed.process_id=2: must be in [0, 2)`        |
 | `distributed.heartbeat_timeout_s=0`                          | `config.distributed.heartbeat_timeout_s=0: must be >= 1`    |
@@ -51,6 +54,9 @@ SHORT = {"steps": 2, "checkpoint_every": 2, "data.eval_fraction": 0.0, "progress
     ("data.seq_len", 1, r"config\.data\.seq_len=1: must be >= 2"),
     ("optimizer.lr", -1.0, r"config\.optimizer\.lr=-1\.0: must be >= 0"),
     ("student.path", "", r"config\.student\.path='': is empty"),
+    ("student.attention", "flash", r"config\.student\.attention='flash': use one of auto, xla, cudnn, splash"),
+    ("teacher.attention", "fast", r"config\.teacher\.attention='fast': use one of auto, xla, cudnn, splash"),
+    ("student.remat", "some", r"config\.student\.remat='some': use one of dots, dots_no_batch, full, none"),
     ("distributed.heartbeat_timeout_s", 0, r"config\.distributed\.heartbeat_timeout_s=0: must be >= 1"),
     ("distributed.coordinator", "127.0.0.1:1234",
      r"config\.distributed\.num_processes=0: with distributed\.coordinator='127\.0\.0\.1:1234' it must be the "
@@ -59,6 +65,13 @@ SHORT = {"steps": 2, "checkpoint_every": 2, "data.eval_fraction": 0.0, "progress
 def test_bad_config_values_name_the_key(key, value, match):
   with pytest.raises(config_base.ConfigError, match=match):
     config_base.validate(load_config(**{key: value}))
+
+
+def test_misspelt_override_is_named():
+  with pytest.raises(config_base.ConfigError, match=r"config\.optimizer\.learning_rate: no such key"):
+    load_config(**{"optimizer.learning_rate": 1e-3})
+  with pytest.raises(config_base.ConfigError, match=r"config\.optimiser\.lr: no such key"):
+    load_config(**{"optimiser.lr": 1e-3})
 
 
 def test_process_id_out_of_range_is_named():
@@ -118,6 +131,16 @@ def test_a_broken_student_folder_gives_the_loaders_message(tmp_path, damage, err
   cfg = load_config(**{"workdir": str(tmp_path / "run"), "student.path": folder,
                        "student.tokenizer": data.TOKENIZER_DIR})
   with pytest.raises(error, match=match):
+    trainer.Run(cfg)
+
+
+def test_a_teacher_tokenizer_larger_than_the_teachers_vocab_is_named(tmp_path):
+  from jaxkd.data.synthetic import make_conversations, tokenizer_corpus, train_tokenizer  # pylint: disable=import-outside-toplevel
+  folder = str(tmp_path / "tok640")
+  train_tokenizer(tokenizer_corpus(make_conversations(3, 400)), vocab_size=640).save_pretrained(folder)
+  cfg = load_config("tiny_cross_tokenizer", **{"workdir": str(tmp_path / "run"), "teacher.tokenizer": folder})
+  with pytest.raises(config_base.ConfigError, match=r"the teacher's tokenizer has 640 tokens but the teacher's vocab "
+                                                    r"dim is 576; config\.teacher\.tokenizer does not belong"):
     trainer.Run(cfg)
 
 

@@ -21,7 +21,7 @@ def test_assets_regenerate_identically_and_stay_small():
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stdout + out.stderr
   made = [os.path.join(ASSETS_DIR, "README.md")] + [
-      os.path.join(d, f) for sub in ("data", "tokenizer") for d, _, fs in os.walk(os.path.join(ASSETS_DIR, sub))
+      os.path.join(d, f) for sub in ("data", "tokenizer", "tokenizer_other") for d, _, fs in os.walk(os.path.join(ASSETS_DIR, sub))
       for f in fs]
   assert sum(os.path.getsize(p) for p in made) < 2_000_000
 

@@ -115,3 +115,57 @@ def test_tiny_cross_architecture_run(tmp_path):
   with torch.no_grad():
     ref = ref_model.eval()(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(np.asarray(trained(ids)), ref, atol=1e-4)
+
+
+def _hidden_history(workdir, key="hidden"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [m[key] for m in map(json.loads, f) if key in m and "eval_loss" not in m]
+
+
+def test_tiny_cross_tokenizer_run(tmp_path):
+  """A teacher on another tokenizer: logit KD is refused; hidden-state KD trains at aligned positions only."""
+  from jaxkd import config_base, data  # pylint: disable=import-outside-toplevel
+  with pytest.raises(config_base.ConfigError, match=r"differs from the student's.*distill.kind=\"hidden\""):
+    trainer.Run(load_config("tiny_cross_tokenizer", **{"workdir": str(tmp_path / "logit"), "distill.kind":
+                                                       "forward_kl", "distill.alpha": 0.5}))
+  workdir = str(tmp_path / "run")
+  run = trainer.Run(load_config("tiny_cross_tokenizer", **{"workdir": workdir, "steps": 16, "checkpoint_every": 8}))
+  assert run.loss_cfg.cross_tokenizer and run.teacher_tokenizer is not None
+  assert not data.same_tokenizer(run.tokenizer, run.teacher_tokenizer)
+  assert len(run.teacher_tokenizer) == 512 and run.teacher.cfg.model_type == "llama"
+  # The rows the step sees: each aligned pair ends at the same character in both tokenizations.
+  batch = next(run.loader)
+  for r in range(2):
+    n = int(batch["align_mask"][r].sum())
+    assert n > 0.3 * int((batch["segment_ids"][r] > 0).sum())  # most student tokens have a partner
+    s_text = [run.tokenizer.decode(batch["input_ids"][r][: i + 1]) for i in batch["align_student"][r][:n]]
+    t_text = [run.teacher_tokenizer.decode(batch["teacher_input_ids"][r][: j + 1])
+              for j in batch["align_teacher"][r][:n]]
+    assert s_text == t_text
+  run.train()
+  hist = _hidden_history(workdir)
+  assert len(hist) == 16 and np.mean(hist[-3:]) < 0.6 * np.mean(hist[:3]), hist
+
+
+def test_tiny_qwen2_teacher_into_llama_student(tmp_path):
+  """Qwen2 teacher (width 128) -> Llama student (width 48), one objective: w*hidden + alpha*KD + (1-alpha)*CE.
+
+  Logit KD needs one tokenizer. transformers 5 loads a Qwen2 folder's tokenizer as Qwen2Tokenizer (its own
+  NFC normaliser and split regex) and a Llama folder's as the saved tokenizer.json, so the two tiny models
+  tokenize differently; the student takes the teacher's tokenizer, as a user distilling Qwen2 into a
+  Llama-architecture student would."""
+  workdir = str(tmp_path / "run")
+  cfg = load_config("tiny_hidden", **{"workdir": workdir, "steps": 24, "checkpoint_every": 24,
+                                      "student.path": "tiny:llama-student", "teacher.path": "tiny:teacher-trained",
+                                      "student.tokenizer": "tiny:teacher-trained",
+                                      "distill.kind": "forward_kl", "distill.alpha": 0.5, "distill.hidden.weight": 0.5})
+  run = trainer.Run(cfg)
+  assert (run.student.cfg.model_type, run.teacher.cfg.model_type) == ("llama", "qwen2")
+  assert run.projector is not None and run.loss_cfg.layer_pairs == ((1, 1), (2, 3), (3, 4))
+  assert not run.loss_cfg.cross_tokenizer
+  run.train()
+  for key in ("hidden", "kd", "loss"):
+    hist = _hidden_history(workdir, key)
+    assert np.mean(hist[-3:]) < 0.85 * np.mean(hist[:3]), (key, hist)
+  with open(os.path.join(workdir, "export", "config.json")) as f:
+    assert json.load(f)["model_type"] == "llama"

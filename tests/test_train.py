@@ -1,6 +1,5 @@
 """End to end: the command on the tiny config, exact resume, and start-of-run config errors."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,17 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name="tiny_logit", **overrides):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  for key, value in overrides.items():
-    node = c
-    *parents, last = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = value
-  return c
+  return config_base.load(os.path.join(ROOT, "configs", f"{name}.py"), overrides)
 
 
 def _metrics(workdir):
@@ -92,6 +81,15 @@ def test_resume_is_exact(tmp_path):
 def test_bad_config_values_name_the_key(key, value, match):
   with pytest.raises(config_base.ConfigError, match=match):
     config_base.validate(load_config(**{key: value}))
+
+
+def test_attention_and_remat_settings_reach_both_models(tmp_path):
+  overrides = {"workdir": str(tmp_path / "run"), "student.attention": "xla", "teacher.attention": "xla",
+               "student.remat": "full"}
+  run = trainer.Run(load_config(**overrides))
+  assert (run.student.attention, run.teacher.attention, run.student.remat) == ("xla", "xla", "full")
+  # They say how, not what, is computed: a run may resume under other values (another chip, less memory).
+  assert not trainer.config_diff(trainer.config_dict(load_config()), trainer.config_dict(run.config))
 
 
 def test_sequence_longer_than_the_model_is_refused(tmp_path):

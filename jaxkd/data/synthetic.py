@@ -21,6 +21,7 @@ from jaxkd.data.encode import CHATML_TEMPLATE
 DEFAULT_SEED = 20240607
 NUM_CONVERSATIONS = 2400
 VOCAB_SIZE = 768
+OTHER_VOCAB_SIZE = 512  # the second bundled tokenizer, for cross-tokenizer distillation
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ---------------------------------------------------------------------------

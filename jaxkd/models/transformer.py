@@ -48,14 +48,6 @@ class ModelOutput(NamedTuple):
   cache: KVCache | None = None  # the updated cache, when one was given
 
 
-def make_attention_mask(segment_ids_BxT: jax.Array) -> jax.Array:
-  """[B, 1, T, T] boolean: causal and within the same segment (padding, segment 0, only sees padding)."""
-  t = segment_ids_BxT.shape[1]
-  causal_TxT = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
-  same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  return (causal_TxT[None] & same_BxTxT)[:, None]
-
-
 def positions_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
   """Position of each token inside its own document (0 at every document start)."""
   t = segment_ids_BxT.shape[1]
