@@ -58,6 +58,12 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
                        devices=devices)
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways a batch's rows are split (the mesh axes of "act_batch"): the batch must divide by it."""
+  axes = LOGICAL_RULES["act_batch"]
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh: Mesh | None = None) -> P:
   """PartitionSpec for logical `axes`; with `shape` and `mesh`, dims the mesh cannot divide are replicated."""

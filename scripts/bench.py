@@ -320,6 +320,9 @@ def main(argv=None):
   args = parse_args(argv)
   jax.config.update("jax_enable_compilation_cache", False)  # compile time means compiling
   mesh = shd.make_mesh([int(x) for x in args.mesh.split(",")])
+  if args.batch % shd.batch_shards(mesh):
+    raise SystemExit(f"--batch {args.batch} is not divisible by {shd.batch_shards(mesh)}, the data x fsdp size of "
+                     f"the mesh {dict(mesh.shape)}; use a multiple of it or another --mesh")
   s_cfg = model_config(args.student, "student")
   t_cfg = None if args.teacher == "none" else model_config(args.teacher, "teacher")
   choices = {role: attention.implementation_for(args.attention, dtype=hf_io.resolve_dtype(dtype),

@@ -8,6 +8,7 @@
 | `data.seq_len=1`, `optimizer.lr=-1.0`, `student.path=""`     | `config.data.seq_len=1: must be >= 2` ...                   |
 | `student.attention="flash"`, `teacher.attention="fast"`, `student.remat="some"` | `config.student.attention='flash': use one of auto, xla, cudnn, splash ...` |
 | a misspelt override (`optimizer.learning_rate`)              | `config.optimizer.learning_rate: no such key ...`           |
+| `data.batch_size=4` on 8 devices (mesh data x fsdp = 8)       | `config.data.batch_size=4 is not divisible by 8, the mesh's data x fsdp ... use a multiple of 8, or set mesh.fsdp ...` |
 | teacher tokenizer larger than the teacher's vocab (cross-tokenizer) | `the teacher's tokenizer has N tokens but the teacher's vocab dim is M ...` |
 | `distributed.coordinator` without `num_processes`            | `config.distributed.num_processes=0: with distributed.coordinator='127.0.0.1:1234' it must be the number of processes` |
 | `distributed.process_id=2` of 2                              | `config.distributed.process_id=2: must be in [0, 2)`        |
@@ -36,6 +37,7 @@ import os
 import shutil
 import subprocess
 
+import jax
 import pytest
 
 from jaxkd import checkpoint as ckpt_lib
@@ -132,6 +134,15 @@ def test_a_broken_student_folder_gives_the_loaders_message(tmp_path, damage, err
                        "student.tokenizer": data.TOKENIZER_DIR})
   with pytest.raises(error, match=match):
     trainer.Run(cfg)
+
+
+def test_a_batch_the_mesh_cannot_split_is_named(tmp_path):
+  assert len(jax.devices()) == 8  # conftest: 8 simulated CPU devices, all on fsdp by default
+  with pytest.raises(config_base.ConfigError, match=r"config\.data\.batch_size=4 is not divisible by 8, the mesh's "
+                                                    r"data x fsdp .* use a multiple of 8, or set mesh\.fsdp"):
+    trainer.Run(load_config(**{"workdir": str(tmp_path / "run"), "data.batch_size": 4}))
+  trainer.Run(load_config(**{"workdir": str(tmp_path / "run2"), "data.batch_size": 4, "mesh.fsdp": 2,
+                             "mesh.data": 1, "mesh.tensor": 4}))  # split 2 ways: accepted
 
 
 def test_a_teacher_tokenizer_larger_than_the_teachers_vocab_is_named(tmp_path):
