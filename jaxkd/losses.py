@@ -34,7 +34,6 @@ from jax.sharding import PartitionSpec as P
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
 
-
 # ---------------------------------------------------------------------------
 # Argument checks and shared preprocessing
 # ---------------------------------------------------------------------------
@@ -56,31 +55,23 @@ def _check_hparams(kind, temperature, beta, skew, teacher_top_k):
   if kind == "jsd":
     b = _concrete(beta)
     if b is not None and not 0.0 < b < 1.0:
-      raise ValueError(
-          f"jsd needs 0 < beta < 1, got beta={beta!r}; at 0 or 1 the mixture "
-          "equals one of the two distributions and the JSD is identically 0."
-      )
+      raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta!r}; at 0 or 1 the mixture "
+                       "equals one of the two distributions and the JSD is identically 0.")
   if kind == "skew_kl":
     s = _concrete(skew)
     if s is not None and not 0.0 <= s < 1.0:
-      raise ValueError(
-          f"skew_kl needs 0 <= skew < 1, got skew={skew!r}; skew=1 makes the "
-          "mixture equal to the teacher and the loss identically 0."
-      )
+      raise ValueError(f"skew_kl needs 0 <= skew < 1, got skew={skew!r}; skew=1 makes the "
+                       "mixture equal to the teacher and the loss identically 0.")
   if teacher_top_k is not None:
     if kind == "reverse_kl":
-      raise ValueError(
-          "teacher_top_k cannot be used with kind='reverse_kl': the truncated "
-          "teacher has zero probability where the student has mass, so "
-          "KL(p_S || p_T) is +inf. Use forward_kl, jsd, tvd or skew_kl with "
-          "top-k, or drop teacher_top_k."
-      )
+      raise ValueError("teacher_top_k cannot be used with kind='reverse_kl': the truncated "
+                       "teacher has zero probability where the student has mass, so "
+                       "KL(p_S || p_T) is +inf. Use forward_kl, jsd, tvd or skew_kl with "
+                       "top-k, or drop teacher_top_k.")
     is_int = isinstance(teacher_top_k, numbers.Integral)
     if isinstance(teacher_top_k, bool) or not is_int:
-      raise ValueError(
-          f"teacher_top_k must be an int or None, got {teacher_top_k!r}; it "
-          "fixes the shape of the top-k selection, so it cannot be traced."
-      )
+      raise ValueError(f"teacher_top_k must be an int or None, got {teacher_top_k!r}; it "
+                       "fixes the shape of the top-k selection, so it cannot be traced.")
     if teacher_top_k < 1:
       raise ValueError(f"teacher_top_k must be >= 1, got {teacher_top_k}.")
 
@@ -96,21 +87,17 @@ def _shared_vocab(v_a, v_b, vocab_size, names=("student", "teacher")):
   """
   if vocab_size is None:
     if v_a != v_b:
-      raise ValueError(
-          f"{names[0]} vocab dim {v_a} != {names[1]} vocab dim {v_b}. The "
-          "larger one is probably a padded embedding; pass vocab_size=<the "
-          "tokenizer's vocab size> so both are cut to the real vocabulary."
-      )
+      raise ValueError(f"{names[0]} vocab dim {v_a} != {names[1]} vocab dim {v_b}. The "
+                       "larger one is probably a padded embedding; pass vocab_size=<the "
+                       "tokenizer's vocab size> so both are cut to the real vocabulary.")
     return v_a
   vocab_size = int(vocab_size)
   if vocab_size < 1:
     raise ValueError(f"vocab_size must be >= 1, got {vocab_size}.")
   if vocab_size > min(v_a, v_b):
-    raise ValueError(
-        f"vocab_size={vocab_size} is larger than the logits' vocab dims "
-        f"({names[0]} {v_a}, {names[1]} {v_b}); it must be <= both. Pass the "
-        "tokenizer's vocab size, not the padded embedding size."
-    )
+    raise ValueError(f"vocab_size={vocab_size} is larger than the logits' vocab dims "
+                     f"({names[0]} {v_a}, {names[1]} {v_b}); it must be <= both. Pass the "
+                     "tokenizer's vocab size, not the padded embedding size.")
   return vocab_size
 
 
@@ -129,15 +116,14 @@ def _one_vocab(width, vocab_size):
   vocab_size = int(vocab_size)
   if not 1 <= vocab_size <= width:
     raise ValueError(
-        f"vocab_size={vocab_size} must be in [1, {width}] (the logits' vocab dim); pass the tokenizer's vocab size."
-    )
+        f"vocab_size={vocab_size} must be in [1, {width}] (the logits' vocab dim); pass the tokenizer's vocab size.")
   return vocab_size
 
 
 def _cut_one(logits_xV, vocab_size):
   if vocab_size is None:
     return logits_xV
-  return logits_xV[..., : _one_vocab(logits_xV.shape[-1], vocab_size)]
+  return logits_xV[..., :_one_vocab(logits_xV.shape[-1], vocab_size)]
 
 
 def _check_mask(mask, leading_shape):
@@ -145,11 +131,9 @@ def _check_mask(mask, leading_shape):
     return None
   mask = jnp.asarray(mask)
   if mask.shape != tuple(leading_shape):
-    raise ValueError(
-        f"mask has shape {mask.shape} but the logits' leading shape is "
-        f"{tuple(leading_shape)}; the mask needs one entry per token "
-        "(logits.shape[:-1])."
-    )
+    raise ValueError(f"mask has shape {mask.shape} but the logits' leading shape is "
+                     f"{tuple(leading_shape)}; the mask needs one entry per token "
+                     "(logits.shape[:-1]).")
   return mask
 
 
@@ -214,8 +198,7 @@ def _kth_largest(x_xV, k, vocab_split=None):
       axis_names={"tensor", *token_axes},
       # After the all_gather every tensor shard holds the same candidates and
       # picks the same k-th one; the checker cannot see that.
-      check_vma=False,
-  )(x_xV)
+      check_vma=False)(x_xV)
 
 
 def _teacher_log_probs(teacher_xV, tau, teacher_top_k, vocab_split=None):
@@ -232,10 +215,8 @@ def _teacher_log_probs(teacher_xV, tau, teacher_top_k, vocab_split=None):
     return logp_t_xV, None
   vocab = teacher_xV.shape[-1]
   if teacher_top_k > vocab:
-    raise ValueError(
-        f"teacher_top_k={teacher_top_k} is larger than the vocab size {vocab}; "
-        "use a k <= vocab size (or None to keep the full teacher)."
-    )
+    raise ValueError(f"teacher_top_k={teacher_top_k} is larger than the vocab size {vocab}; "
+                     "use a k <= vocab size (or None to keep the full teacher).")
   # Select on the undivided logits: dividing by tau > 0 keeps the order, and
   # rounding after the division could only create extra ties.
   # The top-k set is rebuilt from its last member (value v_k, index i_k):
@@ -275,17 +256,9 @@ def _log_mixture(weight_t, logp_t_xV, logp_s_xV):
   return jnp.logaddexp(jnp.log(weight_t) + logp_t_xV, jnp.log1p(-weight_t) + logp_s_xV)
 
 
-def per_token_divergence(
-    student_logits,
-    teacher_logits,
-    *,
-    kind: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    teacher_top_k: Optional[int] = None,
-    vocab_size: Optional[int] = None,
-):
+def per_token_divergence(student_logits, teacher_logits, *, kind: str = "forward_kl", temperature: float = 1.0,
+                         beta: float = 0.5, skew: float = 0.1, teacher_top_k: Optional[int] = None,
+                         vocab_size: Optional[int] = None):
   """Divergence between teacher and student distributions, one per token.
 
   Args:
@@ -299,14 +272,11 @@ def per_token_divergence(
   """
   _check_hparams(kind, temperature, beta, skew, teacher_top_k)
   if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-    raise ValueError(
-        f"student logits {student_logits.shape} and teacher logits "
-        f"{teacher_logits.shape} must have the same leading (token) shape."
-    )
+    raise ValueError(f"student logits {student_logits.shape} and teacher logits "
+                     f"{teacher_logits.shape} must have the same leading (token) shape.")
   student_xV, teacher_xV = _cut_vocab(student_logits, teacher_logits, vocab_size)
-  return _divergence(
-      student_xV, teacher_xV, kind=kind, temperature=temperature, beta=beta, skew=skew, teacher_top_k=teacher_top_k
-  )
+  return _divergence(student_xV, teacher_xV, kind=kind, temperature=temperature, beta=beta, skew=skew,
+                     teacher_top_k=teacher_top_k)
 
 
 def _divergence(student_xV, teacher_xV, *, kind, temperature, beta, skew, teacher_top_k, vocab_split=None):
@@ -339,18 +309,9 @@ def _divergence(student_xV, teacher_xV, *, kind, temperature, beta, skew, teache
   return _kl_from_logs(logp_t_xV, logm_xV, support_xV)
 
 
-def kd_loss(
-    student_logits,
-    teacher_logits,
-    mask=None,
-    *,
-    kind: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    vocab_size: Optional[int] = None,
-    teacher_top_k: Optional[int] = None,
-):
+def kd_loss(student_logits, teacher_logits, mask=None, *, kind: str = "forward_kl", temperature: float = 1.0,
+            beta: float = 0.5, skew: float = 0.1, vocab_size: Optional[int] = None,
+            teacher_top_k: Optional[int] = None):
   """Masked-mean distillation loss, scaled by temperature^2.
 
   ``p_T = softmax(z_T / tau)``, ``p_S = softmax(z_S / tau)`` (in float32), and
@@ -380,16 +341,8 @@ def kd_loss(
     float32 scalar. Differentiable in both logits; stop the teacher's
     gradient yourself if it is not frozen by other means.
   """
-  d_x = per_token_divergence(
-      student_logits,
-      teacher_logits,
-      kind=kind,
-      temperature=temperature,
-      beta=beta,
-      skew=skew,
-      teacher_top_k=teacher_top_k,
-      vocab_size=vocab_size,
-  )
+  d_x = per_token_divergence(student_logits, teacher_logits, kind=kind, temperature=temperature, beta=beta, skew=skew,
+                             teacher_top_k=teacher_top_k, vocab_size=vocab_size)
   mask_x = _check_mask(mask, d_x.shape)
   return (temperature**2) * _masked_mean(d_x, mask_x)
 
@@ -404,10 +357,8 @@ def _label_logits(logits_xV, labels_x):
   vocab = logits_xV.shape[-1]
   labels_x = jnp.asarray(labels_x)
   if labels_x.shape != logits_xV.shape[:-1]:
-    raise ValueError(
-        f"labels have shape {labels_x.shape} but logits have leading shape "
-        f"{logits_xV.shape[:-1]}; pass one integer label per token."
-    )
+    raise ValueError(f"labels have shape {labels_x.shape} but logits have leading shape "
+                     f"{logits_xV.shape[:-1]}; pass one integer label per token.")
   if not jnp.issubdtype(labels_x.dtype, jnp.integer):
     raise ValueError(f"labels must be integers, got dtype {labels_x.dtype}.")
   valid_x = (labels_x >= 0) & (labels_x < vocab)
@@ -613,16 +564,9 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
     zs_CxV = _mask_columns(zs_CxV, spec.vocab)
     total, parts = 0.0, {}
     if spec.with_teacher:
-      d_C = _divergence(
-          zs_CxV,
-          zt_CxV,
-          kind=spec.kind,
-          temperature=tau,
-          beta=spec.hparam("beta", hp),
-          skew=spec.hparam("skew", hp),
-          teacher_top_k=spec.teacher_top_k,
-          vocab_split=(shards, token_axes) if shards > 1 else None,
-      )
+      d_C = _divergence(zs_CxV, zt_CxV, kind=spec.kind, temperature=tau, beta=spec.hparam("beta", hp),
+                        skew=spec.hparam("skew", hp), teacher_top_k=spec.teacher_top_k,
+                        vocab_split=(shards, token_axes) if shards > 1 else None)
       parts["d_C"] = d_C
       parts["kd_sum"] = tau**2 * masked_sum_and_count(d_C, keep_C)[0]
       total = total + w_kd * parts["kd_sum"]
@@ -658,10 +602,8 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
       h_s_TxCxDs = h_s_CxDs.reshape(n_token_shards, c // n_token_shards, d_s)
       dz_TxCxV = dz_CxV.reshape(n_token_shards, c // n_token_shards, spec.width)
       dW_TxDsxV = dW_TxDsxV + _vocab_sharded(
-          jax.lax.dot_general(h_s_TxCxDs, dz_TxCxV, (((1,), (1,)), ((0,), (0,))), preferred_element_type=f32),
-          shards,
-          token_axes,
-      )
+          jax.lax.dot_general(h_s_TxCxDs, dz_TxCxV,
+                              (((1,), (1,)), ((0,), (0,))), preferred_element_type=f32), shards, token_axes)
       dh_CxKxDs = jax.lax.dynamic_update_index_in_dim(dh_CxKxDs, dh_CxDs, k, axis=1)
     else:
       total, parts = loss_fn(zs_CxV)
@@ -681,9 +623,8 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
       if spec.kind == "forward_kl" and static_tau == 1.0 and spec.teacher_top_k is None:
         kl1_C = parts["d_C"]
       else:
-        kl1_C = _divergence(
-            zs_cut_CxV, zt_CxV, kind="forward_kl", temperature=1.0, beta=None, skew=None, teacher_top_k=None
-        )
+        kl1_C = _divergence(zs_cut_CxV, zt_CxV, kind="forward_kl", temperature=1.0, beta=None, skew=None,
+                            teacher_top_k=None)
       new["kl1_sum"] = masked_sum_and_count(kl1_C, keep_C)[0]
       if spec.with_labels:
         new["teacher_ce_sum"] = masked_sum_and_count(_nll(zt_CxV, labels_C, spec.vocab), keep_C)[0]
@@ -714,16 +655,14 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_sums(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N, keep_N):
-  weighted, aux, _, _ = _fused_scan(
-      spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N, keep_N, with_grad=False
-  )
+  weighted, aux, _, _ = _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N, keep_N,
+                                    with_grad=False)
   return weighted, aux
 
 
 def _fused_sums_fwd(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N, keep_N):
-  weighted, aux, dh_NxDs, dW_DsxV = _fused_scan(
-      spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N, keep_N, with_grad=True
-  )
+  weighted, aux, dh_NxDs, dW_DsxV = _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N,
+                                                keep_N, with_grad=True)
   return (weighted, aux), (dh_NxDs, dW_DsxV)
 
 
@@ -741,37 +680,19 @@ _fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
 
 def _check_hidden_and_head(hidden, head, who):
   if hidden.ndim != 2 or head.ndim != 2:
-    raise ValueError(
-        f"{who} hidden states must be [tokens, width] and the head [width, vocab], "
-        f"got {hidden.shape} and {head.shape}; flatten batch and sequence first "
-        "(h.reshape(-1, h.shape[-1]))."
-    )
+    raise ValueError(f"{who} hidden states must be [tokens, width] and the head [width, vocab], "
+                     f"got {hidden.shape} and {head.shape}; flatten batch and sequence first "
+                     "(h.reshape(-1, h.shape[-1])).")
   if hidden.shape[1] != head.shape[0]:
-    raise ValueError(
-        f"{who} hidden width {hidden.shape[1]} != head input dim {head.shape[0]}; "
-        "pass the head as [width, vocab] (the transpose of a tied embedding)."
-    )
+    raise ValueError(f"{who} hidden width {hidden.shape[1]} != head input dim {head.shape[0]}; "
+                     "pass the head as [width, vocab] (the transpose of a tied embedding).")
   if not jnp.issubdtype(hidden.dtype, jnp.floating) or not jnp.issubdtype(head.dtype, jnp.floating):
-    raise ValueError(f"{who} hidden states and head must be floating point, got {hidden.dtype} " f"and {head.dtype}.")
+    raise ValueError(f"{who} hidden states and head must be floating point, got {hidden.dtype} "
+                     f"and {head.dtype}.")
 
 
-def _fused(
-    student_hidden,
-    student_head,
-    labels,
-    mask,
-    teacher_hidden,
-    teacher_head,
-    *,
-    alpha,
-    kind,
-    temperature,
-    beta,
-    skew,
-    vocab_size,
-    teacher_top_k,
-    chunk_size,
-):
+def _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_head, *, alpha, kind, temperature, beta,
+           skew, vocab_size, teacher_top_k, chunk_size):
   """Validate, pick the static spec and call the custom-VJP core."""
   h_s_NxDs = jnp.asarray(student_hidden)
   head_s_DsxV = jnp.asarray(student_head)
@@ -788,10 +709,8 @@ def _fused(
     h_t_NxDt, head_t_DtxV = jnp.asarray(teacher_hidden), jnp.asarray(teacher_head)
     _check_hidden_and_head(h_t_NxDt, head_t_DtxV, "teacher")
     if h_t_NxDt.shape[0] != n:
-      raise ValueError(
-          f"teacher has {h_t_NxDt.shape[0]} tokens but the student {n}; both "
-          "hidden states must be [tokens, width] over the same tokens."
-      )
+      raise ValueError(f"teacher has {h_t_NxDt.shape[0]} tokens but the student {n}; both "
+                       "hidden states must be [tokens, width] over the same tokens.")
     v_t = head_t_DtxV.shape[1]
     vocab = _shared_vocab(v_s, v_t, vocab_size)
   if not with_teacher:
@@ -807,19 +726,15 @@ def _fused(
       head_t_DtxV = head_t_DtxV[:, :width]
     _check_hparams(kind, temperature, beta, skew, teacher_top_k)
     if teacher_top_k is not None and teacher_top_k > vocab:
-      raise ValueError(
-          f"teacher_top_k={teacher_top_k} is larger than the vocab size {vocab}; "
-          "use a k <= vocab size (or None to keep the full teacher)."
-      )
+      raise ValueError(f"teacher_top_k={teacher_top_k} is larger than the vocab size {vocab}; "
+                       "use a k <= vocab size (or None to keep the full teacher).")
 
   labels_N = None
   if with_labels:
     labels_N = jnp.asarray(labels)
     if labels_N.shape != (n,):
-      raise ValueError(
-          f"labels have shape {labels_N.shape} but there are {n} tokens; pass "
-          "one integer label per row of the hidden states."
-      )
+      raise ValueError(f"labels have shape {labels_N.shape} but there are {n} tokens; pass "
+                       "one integer label per row of the hidden states.")
     if not jnp.issubdtype(labels_N.dtype, jnp.integer):
       raise ValueError(f"labels must be integers, got dtype {labels_N.dtype}.")
   mask_N = _check_mask(mask, (n,))
@@ -828,49 +743,24 @@ def _fused(
   is_int = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
   if not is_int or chunk_size < 1:
     raise ValueError(
-        f"chunk_size must be a positive int, got {chunk_size!r}; it fixes the chunk shape, so it cannot be traced."
-    )
+        f"chunk_size must be a positive int, got {chunk_size!r}; it fixes the chunk shape, so it cannot be traced.")
   chunk = max(1, min(int(chunk_size), n))
   n_chunks = max(1, -(-n // chunk))
 
   values = dict(zip(_HPARAMS, (temperature, beta, skew, alpha)))
   static = tuple((k, _concrete(v)) for k, v in values.items() if _concrete(v) is not None)
   traced = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if _concrete(v) is None}
-  spec = _FusedSpec(
-      n_tokens=n,
-      chunk=chunk,
-      n_chunks=n_chunks,
-      width=width,
-      vocab=vocab,
-      kind=kind,
-      teacher_top_k=teacher_top_k,
-      with_teacher=with_teacher,
-      with_labels=with_labels,
-      hidden_dtype=np.dtype(h_s_NxDs.dtype),
-      head_dtype=np.dtype(head_s_DsxV.dtype),
-      static_hparams=static,
-  )
+  spec = _FusedSpec(n_tokens=n, chunk=chunk, n_chunks=n_chunks, width=width, vocab=vocab, kind=kind,
+                    teacher_top_k=teacher_top_k, with_teacher=with_teacher, with_labels=with_labels,
+                    hidden_dtype=np.dtype(h_s_NxDs.dtype), head_dtype=np.dtype(head_s_DsxV.dtype),
+                    static_hparams=static)
   weighted, aux = _fused_sums(spec, traced, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N, keep_N)
   return weighted, jax.lax.stop_gradient(aux)
 
 
-def fused_distill_sums(
-    student_hidden,
-    student_head,
-    labels,
-    mask=None,
-    teacher_hidden=None,
-    teacher_head=None,
-    *,
-    alpha,
-    kind: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    vocab_size: Optional[int] = None,
-    teacher_top_k: Optional[int] = None,
-    chunk_size: int = 1024,
-):
+def fused_distill_sums(student_hidden, student_head, labels, mask=None, teacher_hidden=None, teacher_head=None, *,
+                       alpha, kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+                       vocab_size: Optional[int] = None, teacher_top_k: Optional[int] = None, chunk_size: int = 1024):
   """KD + CE loss *sums* from hidden states, never building [N, V] logits.
 
   ``weighted_sum = alpha * tau^2 * sum_masked D + (1 - alpha) * sum_masked CE``
@@ -919,39 +809,14 @@ def fused_distill_sums(
   """
   if labels is None:
     raise ValueError("fused_distill_sums needs labels for its CE term; for KD alone use fused_kd_loss.")
-  return _fused(
-      student_hidden,
-      student_head,
-      labels,
-      mask,
-      teacher_hidden,
-      teacher_head,
-      alpha=alpha,
-      kind=kind,
-      temperature=temperature,
-      beta=beta,
-      skew=skew,
-      vocab_size=vocab_size,
-      teacher_top_k=teacher_top_k,
-      chunk_size=chunk_size,
-  )
+  return _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_head, alpha=alpha, kind=kind,
+                temperature=temperature, beta=beta, skew=skew, vocab_size=vocab_size, teacher_top_k=teacher_top_k,
+                chunk_size=chunk_size)
 
 
-def fused_kd_loss(
-    student_hidden,
-    student_head,
-    teacher_hidden,
-    teacher_head,
-    mask=None,
-    *,
-    kind: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    vocab_size: Optional[int] = None,
-    teacher_top_k: Optional[int] = None,
-    chunk_size: int = 1024,
-):
+def fused_kd_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, *, kind: str = "forward_kl",
+                  temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1, vocab_size: Optional[int] = None,
+                  teacher_top_k: Optional[int] = None, chunk_size: int = 1024):
   """``kd_loss(student_hidden @ student_head, teacher_hidden @ teacher_head, mask, ...)``
   computed chunk by chunk, without [N, V] logits (see ``fused_distill_sums``).
 
@@ -960,31 +825,16 @@ def fused_kd_loss(
   """
   if teacher_hidden is None or teacher_head is None:
     raise ValueError("fused_kd_loss needs teacher_hidden and teacher_head.")
-  weighted, aux = _fused(
-      student_hidden,
-      student_head,
-      None,
-      mask,
-      teacher_hidden,
-      teacher_head,
-      alpha=1.0,
-      kind=kind,
-      temperature=temperature,
-      beta=beta,
-      skew=skew,
-      vocab_size=vocab_size,
-      teacher_top_k=teacher_top_k,
-      chunk_size=chunk_size,
-  )
+  weighted, aux = _fused(student_hidden, student_head, None, mask, teacher_hidden, teacher_head, alpha=1.0, kind=kind,
+                         temperature=temperature, beta=beta, skew=skew, vocab_size=vocab_size,
+                         teacher_top_k=teacher_top_k, chunk_size=chunk_size)
   return weighted / jnp.maximum(aux["count"], 1.0)
 
 
-def fused_cross_entropy_loss(
-    hidden, head, labels, mask=None, *, vocab_size: Optional[int] = None, chunk_size: int = 1024
-):
+def fused_cross_entropy_loss(hidden, head, labels, mask=None, *, vocab_size: Optional[int] = None,
+                             chunk_size: int = 1024):
   """``cross_entropy_loss(hidden @ head, labels, mask, vocab_size=...)`` computed
   chunk by chunk, without [N, V] logits (see ``fused_distill_sums``)."""
-  weighted, aux = fused_distill_sums(
-      hidden, head, labels, mask, alpha=0.0, vocab_size=vocab_size, chunk_size=chunk_size
-  )
+  weighted, aux = fused_distill_sums(hidden, head, labels, mask, alpha=0.0, vocab_size=vocab_size,
+                                     chunk_size=chunk_size)
   return weighted / jnp.maximum(aux["count"], 1.0)
