@@ -280,9 +280,9 @@ class Run:
   def _check_lengths_and_vocab(self):
     c = self.config
     cross = self.teacher_tokenizer is not None  # the teacher reads rows of its own tokens
-    t_len_key = "data.teacher_seq_len" if cross and c.data.teacher_seq_len else "data.seq_len"
-    for name, model, key in (("student", self.student, "data.seq_len"), ("teacher", self.teacher, t_len_key)):
-      length = c.data.teacher_seq_len if key == "data.teacher_seq_len" else c.data.seq_len
+    s_len = ("data.seq_len", c.data.seq_len)
+    t_len = ("data.teacher_seq_len", c.data.teacher_seq_len) if cross and c.data.teacher_seq_len else s_len
+    for name, model, (key, length) in (("student", self.student, s_len), ("teacher", self.teacher, t_len)):
       if model is not None and length > model.cfg.max_position_embeddings:
         raise config_base.ConfigError(
             f"config.{key}={length} is longer than the {name}'s max_position_embeddings="
