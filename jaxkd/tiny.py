@@ -8,6 +8,7 @@ as the teacher needs cross-tokenizer (hidden-state) distillation.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -75,7 +76,11 @@ def resolve(path: str, *, seed: int = 0) -> str:
   key = hashlib.sha256(json.dumps([hf, tok_hash, seed], sort_keys=True).encode()).hexdigest()[:10]
   folder = os.path.join(cache_root(), "tiny", f"{name}-{key}")
   if not os.path.exists(os.path.join(folder, "config.json")):
-    _build(folder, hf, seed, tok_dir)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".lock", "w") as lock:  # several processes (test workers, hosts) may ask at once
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not os.path.exists(os.path.join(folder, "config.json")):
+        _build(folder, hf, seed, tok_dir)
   return folder
 
 

@@ -157,7 +157,7 @@ def test_a_failed_background_save_stops_the_run(tmp_path, monkeypatch):
   """An error raised inside the asynchronous write (here ENOSPC, injected) ends the run with it; the
   checkpoints finished before are intact and the run resumes from them."""
   workdir = str(tmp_path / "run")
-  cfg = dict(RUN, steps=6, checkpoint_every=2)
+  cfg = dict(RUN, steps=10, checkpoint_every=2)
   original = ckpt_lib._MetaHandler._save_fn
 
   async def failing(self, x, directory):
@@ -171,13 +171,15 @@ def test_a_failed_background_save_stops_the_run(tmp_path, monkeypatch):
                                                      r"checkpoints \[2\] are intact.*resume from step 2"):
     trainer.run(load_config(workdir=workdir, **cfg))
   assert runs.finished_steps(workdir) == [2]
-  assert runs.last_step(workdir) <= 5  # it stopped at the next step, not at the end of the run
+  # It stops at the first step after the save fails (how many steps that takes depends on the machine's
+  # load) and at the latest at the next save (step 6), which waits for the failed one: never at the end.
+  assert runs.last_step(workdir) <= 6
   monkeypatch.setattr(ckpt_lib._MetaHandler, "_save_fn", original)
   # The failed save's other arrays are still being written by TensorStore threads for a moment after the
   # error. A new process never sees them (they die with the old one); this one waits for them to end.
   _wait_until_unchanged(os.path.join(workdir, "checkpoints"))
   trainer.run(load_config(workdir=workdir, **cfg))
-  assert runs.finished_steps(workdir)[-1] == 6 and [r["step"] for r in runs.train_rows(workdir)] == list(range(1, 7))
+  assert runs.finished_steps(workdir)[-1] == 10 and [r["step"] for r in runs.train_rows(workdir)] == list(range(1, 11))
 
 
 # --------------------------------------------------------------------------------------------------------
