@@ -24,13 +24,14 @@ _QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_
 _LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
           "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000.0}
 
+_LLAMA_TEACHER = {**_LLAMA, "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 4,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 832, "tie_word_embeddings": False}
+
 TINY_CONFIGS = {
     # A cross-architecture pair for hidden-state distillation (Llama teacher, StableLM student).
-    "llama-teacher": {**_LLAMA, "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 4,
-                      "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 832,
-                      "tie_word_embeddings": False},
+    "llama-teacher": _LLAMA_TEACHER,
     # The same teacher on another tokenizer (512 tokens): only hidden states can be distilled from it.
-    "llama-teacher-othertok": None,  # filled in below
+    "llama-teacher-othertok": {**_LLAMA_TEACHER, "vocab_size": 576},
     # A Llama student for the Qwen2 teacher (Qwen2 -> Llama across architectures).
     "llama-student": {**_LLAMA, "hidden_size": 48, "intermediate_size": 128, "num_hidden_layers": 3,
                       "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 800,
@@ -45,7 +46,6 @@ TINY_CONFIGS = {
     "student": {**_QWEN2, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 800, "tie_word_embeddings": True},
 }
-TINY_CONFIGS["llama-teacher-othertok"] = {**TINY_CONFIGS["llama-teacher"], "vocab_size": 576}
 TOKENIZERS = {"llama-teacher-othertok": OTHER_TOKENIZER_DIR}  # the rest use TOKENIZER_DIR
 
 
