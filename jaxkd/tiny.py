@@ -2,7 +2,7 @@
 
 A config names them as `tiny:NAME` wherever it takes a model path. Their embedding tables are padded
 past the tokenizer (like Qwen2's 151936/152064 rows), so the tiny runs exercise the vocabulary cut. All
-but one use the bundled tokenizer; `llama-teacher-othertok` uses the second bundled BPE, so a run with it
+but one use the bundled tokenizer; `llama-teacher-othertok` uses the second (SentencePiece-style) one, so a run with it
 as the teacher needs cross-tokenizer (hidden-state) distillation.
 """
 
@@ -30,7 +30,7 @@ _LLAMA_TEACHER = {**_LLAMA, "hidden_size": 96, "intermediate_size": 256, "num_hi
 TINY_CONFIGS = {
     # A cross-architecture pair for hidden-state distillation (Llama teacher, StableLM student).
     "llama-teacher": _LLAMA_TEACHER,
-    # The same teacher on another tokenizer (512 tokens): only hidden states can be distilled from it.
+    # The same teacher on another tokenizer (SentencePiece-style, 512 tokens): only hidden states can be distilled from it.
     "llama-teacher-othertok": {**_LLAMA_TEACHER, "vocab_size": 576},
     # A Llama student for the Qwen2 teacher (Qwen2 -> Llama across architectures).
     "llama-student": {**_LLAMA, "hidden_size": 48, "intermediate_size": 128, "num_hidden_layers": 3,

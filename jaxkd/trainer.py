@@ -394,6 +394,8 @@ class Run:
       if pending is not None:  # the previous step's numbers: reading them does not stall dispatch
         self._report(report, *pending)
       pending = (step, metrics)
+      if c.debug.step_delay_s:
+        time.sleep(c.debug.step_delay_s)
       preempted = watch.reached(step)
       if preempted or step % c.checkpoint_every == 0 or step == c.steps:
         # This step's numbers first: under nonfinite="stop" a NaN step must end the run before it is saved,

@@ -7,7 +7,7 @@ The conversations come from jaxkd.data.synthetic (answers drawn from distributio
 a teacher's probabilities carry more than a sampled label; a few system and tool turns). They are written
 twice: ShareGPT (`conversations` of `from`/`value`) and OpenAI-style (`messages` of `role`/`content`). The
 tokenizer is a byte-level BPE trained on the dataset text with ChatML special tokens and chat template; a
-second, smaller BPE on the same text is the tokenizer of the tiny cross-tokenizer teacher.
+SentencePiece-style BPE on the same text is the tokenizer of the tiny cross-tokenizer teacher.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 import tempfile
 
 from jaxkd.data.assets import ASSETS_DIR
-from jaxkd.data.synthetic import (DEFAULT_SEED, NUM_CONVERSATIONS, OTHER_VOCAB_SIZE, make_conversations,
-                                  tokenizer_corpus, train_tokenizer, write_datasets)
+from jaxkd.data.synthetic import (DEFAULT_SEED, NUM_CONVERSATIONS, make_conversations, tokenizer_corpus,
+                                  train_metaspace_tokenizer, train_tokenizer, write_datasets)
 
 
 def write_all(seed: int, n: int, assets_dir: str) -> None:
@@ -28,7 +28,7 @@ def write_all(seed: int, n: int, assets_dir: str) -> None:
   write_datasets(conversations, os.path.join(assets_dir, "data"))
   tok = train_tokenizer(tokenizer_corpus(conversations))
   tok.save_pretrained(os.path.join(assets_dir, "tokenizer"))
-  other = train_tokenizer(tokenizer_corpus(conversations), vocab_size=OTHER_VOCAB_SIZE)
+  other = train_metaspace_tokenizer(tokenizer_corpus(conversations))
   other.save_pretrained(os.path.join(assets_dir, "tokenizer_other"))
   with open(os.path.join(assets_dir, "README.md"), "w") as f:
     f.write(
@@ -37,8 +37,9 @@ def write_all(seed: int, n: int, assets_dir: str) -> None:
         "- `data/chat_sharegpt.jsonl`: synthetic chats, ShareGPT form (`conversations` of `from`/`value`).\n"
         "- `data/chat_messages.jsonl`: the same chats, OpenAI form (`messages` of `role`/`content`).\n"
         "- `tokenizer/`: byte-level BPE trained on those chats, ChatML special tokens and chat template.\n"
-        f"- `tokenizer_other/`: a second BPE (vocab {len(other)}) on the same text, whose tokens end elsewhere:\n"
-        "  the tokenizer of the tiny cross-tokenizer teacher (`tiny:llama-teacher-othertok`).\n"
+        f"- `tokenizer_other/`: a SentencePiece-style BPE (vocab {len(other)}, words with a ▁ prefix) on the\n"
+        "  same text, whose tokens end at other characters: the tokenizer of the tiny cross-tokenizer\n"
+        "  teacher (`tiny:llama-teacher-othertok`).\n"
         "- `teacher/`: the trained tiny teacher, made by `python scripts/train_teacher.py`.\n\n"
         "Answers are sampled from distributions over valid phrasings, synonyms, list orders and story\n"
         "grammar choices, so a teacher's probabilities carry information a single sampled label does not.\n")

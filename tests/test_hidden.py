@@ -133,15 +133,21 @@ def test_tiny_cross_tokenizer_run(tmp_path):
   assert run.loss_cfg.cross_tokenizer and run.teacher_tokenizer is not None
   assert not data.same_tokenizer(run.tokenizer, run.teacher_tokenizer)
   assert len(run.teacher_tokenizer) == 512 and run.teacher.cfg.model_type == "llama"
-  # The rows the step sees: each aligned pair ends at the same character in both tokenizations.
+  assert 0.3 < run.loader.stats["align_coverage"] <= 1.0
+  assert "of student tokens end where a teacher token ends" in run.loader.summary()
+  # The rows the step sees: each aligned pair ends at the same character in both tokenizations. The
+  # decoded prefixes up to the two tokens of a pair hold the same text (the SentencePiece-style decoder
+  # spells spaces around special tokens its own way, so whitespace is left out of the comparison).
   batch = next(run.loader)
+  text = lambda tok, ids: "".join(tok.decode(ids).split())
   for r in range(2):
     n = int(batch["align_mask"][r].sum())
-    assert n > 0.3 * int((batch["segment_ids"][r] > 0).sum())  # most student tokens have a partner
-    s_text = [run.tokenizer.decode(batch["input_ids"][r][: i + 1]) for i in batch["align_student"][r][:n]]
-    t_text = [run.teacher_tokenizer.decode(batch["teacher_input_ids"][r][: j + 1])
-              for j in batch["align_teacher"][r][:n]]
-    assert s_text == t_text
+    real_s = int((batch["segment_ids"][r] > 0).sum())
+    assert 0.5 * real_s < n < real_s  # most student tokens have a partner, not all
+    assert n < int((batch["teacher_segment_ids"][r] > 0).sum())  # and not every teacher token
+    for i, j in zip(batch["align_student"][r][:n], batch["align_teacher"][r][:n]):
+      assert text(run.tokenizer, batch["input_ids"][r][: i + 1]) == text(
+          run.teacher_tokenizer, batch["teacher_input_ids"][r][: j + 1]), (i, j)
   run.train()
   hist = _hidden_history(workdir)
   assert len(hist) == 16 and np.mean(hist[-3:]) < 0.6 * np.mean(hist[:3]), hist

@@ -27,10 +27,11 @@ def _env(devices: int) -> dict:
   return {**runs.ENV, "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])}
 
 
-def _start_pair(workdir, tmp_path, tag):
+def _start_pair(workdir, tmp_path, tag, **extra):
   port = runs.free_port()
-  return [runs.Proc(runs.command(workdir, **RUN, **{"distributed.coordinator": f"127.0.0.1:{port}",
-                                                    "distributed.num_processes": 2, "distributed.process_id": i}),
+  return [runs.Proc(runs.command(workdir, **RUN, **extra, **{"distributed.coordinator": f"127.0.0.1:{port}",
+                                                             "distributed.num_processes": 2,
+                                                             "distributed.process_id": i}),
                     str(tmp_path / f"{tag}-p{i}.txt"), env=_env(2)) for i in range(2)]
 
 
@@ -59,8 +60,9 @@ def test_two_processes_match_one_through_a_death_and_a_preemption(tmp_path):
 
   # 2. Both resume from 3; SIGTERM reaches process 1 only. JAX's preemption sync point tells both to save
   #    the same step (a few steps later: the notice travels through the coordination service); both exit
-  #    with 75.
-  p0, p1 = _start_pair(workdir, tmp_path, "preempt")
+  #    with 75. The steps are slowed (a test hook, outside the run's identity) so that the notice lands
+  #    before step 12 even on a fast, warm machine; without it the run could finish first and exit 0.
+  p0, p1 = _start_pair(workdir, tmp_path, "preempt", **{"debug.step_delay_s": 0.5})
   p0.wait_for(lambda: "resuming from step 3" in p0.output() and runs.last_step(workdir) >= 4, "step 4 after resume")
   p1.signal(signal.SIGTERM)
   assert p1.wait() == 75, p1.tail()

@@ -6,7 +6,7 @@ import os
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 TOKENIZER_DIR = os.path.join(ASSETS_DIR, "tokenizer")
-# A second BPE of another size on the same text: a teacher on it needs cross-tokenizer distillation.
+# A SentencePiece-style BPE of the same text: a teacher on it needs cross-tokenizer KD.
 OTHER_TOKENIZER_DIR = os.path.join(ASSETS_DIR, "tokenizer_other")
 CHAT_SHAREGPT = os.path.join(ASSETS_DIR, "data", "chat_sharegpt.jsonl")
 CHAT_MESSAGES = os.path.join(ASSETS_DIR, "data", "chat_messages.jsonl")

@@ -221,7 +221,7 @@ class Loader:
         "bins": self._bins, "weights": weights, "settings": hashlib.sha256(
             json.dumps(self._settings_key, sort_keys=True, default=str).encode()).hexdigest()[:16],
         "sources": [r.label for r in self.reports], "examples": [r.examples for r in self.reports]}
-    self.packing_efficiency = self._measure_efficiency()
+    self.packing_efficiency, self.align_coverage = self._measure_first_rows()
 
   # -- sources ----------------------------------------------------------------------------------------------
 
@@ -415,12 +415,14 @@ class Loader:
       ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=int(cfg.prefetch))
     return ds
 
-  def _measure_efficiency(self) -> float | None:
-    """Non-padding fraction of the first EFFICIENCY_ROWS packed rows, from a throwaway iterator."""
+  def _measure_first_rows(self) -> tuple[float | None, float | None]:
+    """From a throwaway iterator over the first EFFICIENCY_ROWS packed rows: the non-padding fraction and,
+    with a teacher tokenizer that differs, the fraction of student tokens that have an aligned teacher token
+    (the positions the hidden-state loss can use)."""
     if any(r.cache == "streaming" for r in self.reports):
-      return None  # would read the stream twice; the running figure in `stats` covers streaming
+      return None, None  # would read the stream twice; the running figure in `stats` covers streaming
     it = iter(self._dataset)
-    used = total = 0
+    used = total = aligned = 0
     while total < EFFICIENCY_ROWS * self.lengths.seq_len:
       try:
         batch = next(it)
@@ -429,8 +431,11 @@ class Loader:
       real = batch["segment_ids"].any(axis=1)  # count only rows that hold data (not the final padding)
       used += int((batch["segment_ids"][real] > 0).sum())
       total += int(real.sum()) * self.lengths.seq_len
+      if self.teacher_differs:
+        aligned += int(batch["align_mask"][real].sum())
     it.close()
-    return used / total if total else None
+    return (used / total if total else None,
+            aligned / used if self.teacher_differs and used else None)
 
   # -- iteration and state ----------------------------------------------------------------------------------
 
@@ -518,6 +523,7 @@ class Loader:
                                        if run["rows"] else None),
         "batches": self._batches,
         "align_pairs_dropped": self._dropped_pairs[0],
+        "align_coverage": self.align_coverage,
         "cache": {r.label: r.cache for r in self.reports},
         "teacher_tokenizer_differs": self.teacher_differs,
         "sources": [dataclasses.asdict(r) for r in self.reports],
@@ -547,8 +553,11 @@ class Loader:
     lines.append(f"  packing efficiency: {eff:.1%} non-padding (first {EFFICIENCY_ROWS} rows)" if eff is not None
                  else "  packing efficiency: measured while running (stats['packing_efficiency_running'])")
     if self.teacher_differs:
+      cover = self.align_coverage
       lines.append(f"  teacher tokenizer differs: teacher rows of {self.lengths.teacher_seq_len} tokens, up to "
-                   f"{self.lengths.max_align} alignment pairs per row")
+                   f"{self.lengths.max_align} alignment pairs per row" + (
+                       "" if cover is None else f"; {cover:.0%} of student tokens end where a teacher token ends "
+                       f"(first {EFFICIENCY_ROWS} rows)"))
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from jaxkd.data.encode import CHATML_TEMPLATE
 DEFAULT_SEED = 20240607
 NUM_CONVERSATIONS = 2400
 VOCAB_SIZE = 768
-OTHER_VOCAB_SIZE = 512  # the second bundled tokenizer, for cross-tokenizer distillation
+OTHER_VOCAB_SIZE = 512  # the second bundled tokenizer (SentencePiece-style), for cross-tokenizer KD
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ---------------------------------------------------------------------------
@@ -222,6 +222,25 @@ def train_tokenizer(texts, *, vocab_size: int = VOCAB_SIZE, chat_template: str =
   return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                  additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=chat_template,
                                  model_max_length=4096)
+
+
+def train_metaspace_tokenizer(texts, *, vocab_size: int = OTHER_VOCAB_SIZE, chat_template: str = CHATML_TEMPLATE):
+  """A SentencePiece-style BPE (spaces as a "▁" prefix, punctuation left on its word, no byte fallback):
+  trained on the same text as the byte-level BPE, its tokens still end at other characters (about 80% of
+  either side's token ends are shared), as two model families' tokenizers do. The tokenizer of the tiny
+  cross-tokenizer teacher. (A Unigram model would be closer to SentencePiece, but the tokenizers library
+  does not train one reproducibly.)"""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  tok.decoder = decoders.Metaspace()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, "<unk>"], show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                 unk_token="<unk>", additional_special_tokens=SPECIAL_TOKENS[1:],
+                                 chat_template=chat_template, model_max_length=4096)
 
 
 def tokenizer_corpus(conversations) -> list[str]:
