@@ -3,7 +3,7 @@
 import os
 
 # Tiny models: compiling, not running, is what a test spends its time on, and LLVM's optimisation of the
-# CPU code is most of a compile. Level 0 cuts the suite's compile time by about a third; the runs a test
+# CPU code is most of a compile. Level 0 cuts compile-bound test files' time by about a third; the runs a test
 # compares with each other (resume, several processes) all inherit the same flags.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0")
