@@ -30,7 +30,8 @@ _LLAMA_TEACHER = {**_LLAMA, "hidden_size": 96, "intermediate_size": 256, "num_hi
 TINY_CONFIGS = {
     # A cross-architecture pair for hidden-state distillation (Llama teacher, StableLM student).
     "llama-teacher": _LLAMA_TEACHER,
-    # The same teacher on another tokenizer (SentencePiece-style, 512 tokens): only hidden states can be distilled from it.
+    # The same teacher on another tokenizer (SentencePiece-style, 512 tokens): only hidden states can be
+    # distilled from it.
     "llama-teacher-othertok": {**_LLAMA_TEACHER, "vocab_size": 576},
     # A Llama student for the Qwen2 teacher (Qwen2 -> Llama across architectures).
     "llama-student": {**_LLAMA, "hidden_size": 48, "intermediate_size": 128, "num_hidden_layers": 3,

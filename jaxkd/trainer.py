@@ -474,7 +474,8 @@ class Run:
     report.step(step, values)
     if not nonfinite:
       return
-    what = f"step {step}: the loss or gradients hold NaN or Inf (loss={values['loss']}, grad_norm={values['grad_norm']})"
+    what = (f"step {step}: the loss or gradients hold NaN or Inf (loss={values['loss']}, "
+            f"grad_norm={values['grad_norm']})")
     if self.config.nonfinite == "stop":
       raise NonFiniteError(
           f"{what}; the update was not applied and the run stops (config.nonfinite=\"stop\"). The last checkpoint "
