@@ -136,7 +136,6 @@ def hub_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.steps = 5000
   c.checkpoint_every = 500
   c.eval_every = 500
-  c.student.param_dtype = "float32"
   c.student.compute_dtype = "bfloat16"
   c.student.remat = "dots_no_batch"
   c.teacher.dtype = "bfloat16"

@@ -51,10 +51,10 @@ def main():
   p.add_argument("--steps", type=int, default=150)
   p.add_argument("--modes", default=",".join(MODES), help="which of them to run (sft is always run)")
   args = p.parse_args()
-  modes = {m: MODES[m] for m in MODES if m in {"sft", *args.modes.split(",")}}
-  unknown = set(args.modes.split(",")) - set(MODES)
-  if unknown:
-    p.error(f"unknown --modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+  asked = set(args.modes.split(","))
+  if asked - set(MODES):
+    p.error(f"unknown --modes {sorted(asked - set(MODES))}; choose from {', '.join(MODES)}")
+  modes = {m: MODES[m] for m in MODES if m in asked | {"sft"}}
   os.makedirs(args.workdir, exist_ok=True)
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(args.workdir, ".jax_cache"))
   from jaxkd import reporting, tiny, trainer  # pylint: disable=import-outside-toplevel
@@ -111,11 +111,12 @@ def _plot(workdir, runs, reporting, teacher):
 
   fig, (ax_train, ax_eval, ax_gain) = plt.subplots(1, 3, figsize=(16, 4))
   colors = {"sft": "tab:gray", "logit_kd": "tab:blue", "hidden_kd": "tab:orange", "logit_kd_tau2": "tab:cyan"}
-  evals = {mode: {seed: reporting.read_metrics(r["workdir"])[1] for seed, r in per_seed.items()}
-           for mode, per_seed in runs.items()}
+  metrics = {mode: {seed: reporting.read_metrics(r["workdir"]) for seed, r in per_seed.items()}
+             for mode, per_seed in runs.items()}  # (train rows, eval rows) of each run
+  evals = {mode: {seed: m[1] for seed, m in per_seed.items()} for mode, per_seed in metrics.items()}
   for mode, per_seed in runs.items():
-    for i, (seed, r) in enumerate(per_seed.items()):
-      train = reporting.read_metrics(r["workdir"])[0]
+    for i, seed in enumerate(per_seed):
+      train = metrics[mode][seed][0]
       label = mode if i == 0 else None
       ax_train.plot([m["step"] for m in train], [m["ce"] for m in train], color=colors[mode], alpha=0.5,
                     lw=0.8, label=label)

@@ -117,7 +117,7 @@ def test_tiny_cross_architecture_run(tmp_path):
   np.testing.assert_allclose(np.asarray(trained(ids)), ref, atol=1e-4)
 
 
-def _hidden_history(workdir, key="hidden"):
+def _train_history(workdir, key):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [m[key] for m in map(json.loads, f) if key in m and "eval_loss" not in m]
 
@@ -149,7 +149,7 @@ def test_tiny_cross_tokenizer_run(tmp_path):
       assert text(run.tokenizer, batch["input_ids"][r][: i + 1]) == text(
           run.teacher_tokenizer, batch["teacher_input_ids"][r][: j + 1]), (i, j)
   run.train()
-  hist = _hidden_history(workdir)
+  hist = _train_history(workdir, "hidden")
   assert len(hist) == 16 and np.mean(hist[-3:]) < 0.6 * np.mean(hist[:3]), hist
 
 
@@ -171,7 +171,7 @@ def test_tiny_qwen2_teacher_into_llama_student(tmp_path):
   assert not run.loss_cfg.cross_tokenizer
   run.train()
   for key in ("hidden", "kd", "loss"):
-    hist = _hidden_history(workdir, key)
+    hist = _train_history(workdir, key)
     assert np.mean(hist[-3:]) < 0.85 * np.mean(hist[:3]), (key, hist)
   with open(os.path.join(workdir, "export", "config.json")) as f:
     assert json.load(f)["model_type"] == "llama"
