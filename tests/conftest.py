@@ -5,9 +5,10 @@ import os
 # Tiny models: compiling, not running, is what a test spends its time on, and LLVM's optimisation of the
 # CPU code is most of a compile. Level 0 cuts compile-bound test files' time by about a third; the runs a test
 # compares with each other (resume, several processes) all inherit the same flags.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0")
+# On a GPU or TPU (JAX_PLATFORMS=cuda or tpu, for the kernel tests) the flag is left out.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           + (" --xla_backend_optimization_level=0" if os.environ["JAX_PLATFORMS"] == "cpu" else ""))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Compiled steps are reused across tests and the subprocesses they start (compiling dominates test time).
