@@ -41,10 +41,10 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -80,6 +80,9 @@ def parse_args(argv=None):
   p.add_argument("--docs_per_row", type=int, default=4)
   p.add_argument("--peak_tflops", type=float, default=None, help="per device; default 989 on H100/H200")
   p.add_argument("--teacher_cost", action="store_true", help="also time alpha = 0 and report the teacher's share")
+  p.add_argument("--compile_only", action="store_true",
+                 help="lower and compile on abstract inputs (nothing allocated or run) and report the compiled "
+                      "step's memory: a pre-flight for shapes too big for this machine")
   p.add_argument("--no_record", action="store_true", help="print only; do not append to BENCHMARKS.md")
   p.add_argument("--benchmarks", default=os.path.join(ROOT, "BENCHMARKS.md"))
   return p.parse_args(argv)
@@ -102,15 +105,25 @@ def model_config(name: str, role: str):
   return config_from_hf(PRESETS[name])
 
 
-def init_model(cfg, mesh, *, param_dtype, dtype, remat="none", attention_impl="auto", seed=0):
-  """(graphdef, parameters as a nested dict placed on their shardings, shardings), initialised on device."""
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs carrying `shardings`: what `jit(...).lower` needs, with nothing allocated."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def init_model(cfg, mesh, *, param_dtype, dtype, remat="none", attention_impl="auto", seed=0, abstract=False):
+  """(graphdef, parameters as a nested dict placed on their shardings, shardings), initialised on device.
+
+  With `abstract`, the parameters are ShapeDtypeStructs (nothing is allocated: --compile_only).
+  """
   make = lambda: Transformer(cfg, param_dtype=param_dtype, dtype=dtype, remat=remat,  # noqa: E731
                              attention=attention_impl, rngs=nnx.Rngs(seed))
-  abstract = nnx.eval_shape(make)
-  graphdef = nnx.split(abstract)[0]
-  shardings = step_lib.module_shardings(mesh, abstract)
-  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make(), nnx.Param)), out_shardings=shardings)()
-  return graphdef, params, shardings
+  init = lambda: nnx.to_pure_dict(nnx.state(make(), nnx.Param))  # noqa: E731
+  module = nnx.eval_shape(make)
+  graphdef = nnx.split(module)[0]
+  shardings = step_lib.module_shardings(mesh, module)
+  if abstract:
+    return graphdef, abstract_like(jax.eval_shape(init), shardings), shardings
+  return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
 
 
 def matmul_params(cfg) -> int:
@@ -150,34 +163,44 @@ def synthetic_batch(rows: int, seq_len: int, vocab: int, docs_per_row: int, seed
 
 
 def opt_config():
-  return ml_collections.ConfigDict(dict(lr=1e-4, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1,
-                                        weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))
+  # A plain namespace (optim reads attributes only), so the bench needs no ml_collections: a lent GPU
+  # machine runs it on its own image's packages.
+  return types.SimpleNamespace(lr=1e-4, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.01,
+                               b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
 
 
-def build(args, mesh, *, alpha: float, s_cfg, t_cfg):
-  """(jitted step, state, teacher params, batch, LossConfig) as the trainer builds them."""
+def build(args, mesh, *, alpha: float, s_cfg, t_cfg, abstract: bool = False):
+  """(jitted step, state, teacher params, batch, LossConfig) as the trainer builds them.
+
+  With `abstract`, state, teacher parameters and batch are ShapeDtypeStructs: enough to lower and compile.
+  """
   pd, cd, td = (hf_io.resolve_dtype(x) for x in (args.param_dtype, args.compute_dtype, args.teacher_dtype))
   vocab = min(s_cfg.vocab_size, t_cfg.vocab_size) if t_cfg is not None else s_cfg.vocab_size
   lc = step_lib.LossConfig(alpha=alpha if t_cfg is not None else 0.0, kind=args.kind, vocab_size=vocab,
                            chunk_size=args.chunk_size, micro_batches=args.micro_batches)
   with jax.set_mesh(mesh):
     s_def, s_params, s_sh = init_model(s_cfg, mesh, param_dtype=pd, dtype=cd, remat=args.remat,
-                                       attention_impl=args.attention, seed=0)
+                                       attention_impl=args.attention, seed=0, abstract=abstract)
     t_def = t_params = t_sh = None
     if lc.uses_teacher:
       t_def, t_params, t_sh = init_model(t_cfg, mesh, param_dtype=td, dtype=td, attention_impl=args.attention,
-                                         seed=1)
+                                         seed=1, abstract=abstract)
     optimizer, lr = optim.make_optimizer(opt_config(), 1000)
     params, param_sh = {"student": s_params}, {"student": s_sh}
     opt_sh = step_lib.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = step_lib.TrainState(step=jax.device_put(jnp.int32(0), rep), params=params, opt_state=opt_state)
     state_sh = step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh)
     batch_sh = step_lib.batch_shardings(mesh, lc.batch_keys())
     fn = step_lib.make_train_step(s_def, t_def, optimizer, lr, lc, state_shardings=state_sh,
                                   teacher_shardings=t_sh, batch_shardings=batch_sh)
-    batch = jax.device_put(synthetic_batch(args.batch, args.seq_len, vocab, args.docs_per_row), batch_sh)
+    batch = synthetic_batch(args.batch, args.seq_len, vocab, args.docs_per_row)
+    if abstract:
+      state = abstract_like(jax.eval_shape(lambda p: step_lib.TrainState(  # noqa: E731
+          step=jnp.int32(0), params=p, opt_state=optimizer.init(p)), params), state_sh)
+      return fn, state, t_params, abstract_like(batch, batch_sh), lc
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+    state = step_lib.TrainState(step=jax.device_put(jnp.int32(0), rep), params=params, opt_state=opt_state)
+    batch = jax.device_put(batch, batch_sh)
   return fn, state, t_params, batch, lc
 
 
@@ -239,8 +262,8 @@ def commit() -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.strip()
     return head + ("+uncommitted" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+  except (OSError, subprocess.CalledProcessError):  # no git, or a copy of the tree without .git
+    return os.environ.get("JAXKD_COMMIT", "unknown")
 
 
 def hardware() -> str:
@@ -308,12 +331,51 @@ def describe(args, choices: dict) -> str:
   """The command's flags (key ones always, others where not default), and the attention kernels that ran."""
   defaults = vars(parse_args([]))
   flags = [f"--{k} {v}" for k, v in vars(args).items()
-           if k not in ("benchmarks", "no_record", "teacher_cost") and (k in KEY_FLAGS or v != defaults[k])]
+           if k not in ("benchmarks", "no_record", "teacher_cost", "compile_only") and (k in KEY_FLAGS or v != defaults[k])]
   ran = {c.implementation for c in choices.values()}
   if ran == {args.attention}:
     return f"`{' '.join(flags)}`"
   which = ", ".join(f"{role} {c.implementation}" for role, c in choices.items())
   return f"`{' '.join(flags)}`; attention ran: {which}"
+
+
+COMPILED_PREAMBLE = """
+`python scripts/bench.py FLAGS --compile_only`: the same step lowered and compiled for the local backend on
+abstract inputs (nothing is allocated or run), so shapes far too big for the machine can be checked. From
+XLA's `memory_analysis()` of the compiled step: arguments (parameters, optimizer state, teacher, batch),
+temporaries, and the total the step needs at once = arguments + outputs - donated (aliased) + temporaries.
+On a CPU the figures are expected to be above a GPU's, not a guarantee: XLA:CPU upcasts bf16 dots to
+float32 (adding float32 copies of bf16 weights), and its attention is the XLA path, which builds the
+[B, N, T, T] scores that cuDNN's flash kernel never does.
+"""
+
+COMPILED_HEADER = ["date", "commit", "backend", "config", "compile s", "arguments GiB", "temporaries GiB",
+                   "total GiB"]
+
+
+def compile_only(args, mesh, s_cfg, t_cfg, config: str) -> dict:
+  """Lowers and compiles the step on abstract inputs; prints (and records) its compiled memory."""
+  fn, state, t_params, batch, lc = build(args, mesh, alpha=args.alpha, s_cfg=s_cfg, t_cfg=t_cfg, abstract=True)
+  with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, t_params, batch).compile()
+    compile_s = time.perf_counter() - t0
+  m = compiled.memory_analysis()
+  res = {"compile_s": compile_s, "arguments_gib": m.argument_size_in_bytes / GIB,
+         "outputs_gib": m.output_size_in_bytes / GIB, "aliased_gib": m.alias_size_in_bytes / GIB,
+         "temp_gib": m.temp_size_in_bytes / GIB}
+  res["total_gib"] = res["arguments_gib"] + res["outputs_gib"] - res["aliased_gib"] + res["temp_gib"]
+  fl = flops_per_token(s_cfg, t_cfg if lc.uses_teacher else None, args.seq_len, causal=False)
+  print(f"compile only ({jax.default_backend()}): lower + compile {compile_s:.1f} s; arguments "
+        f"{res['arguments_gib']:.3g} GiB, outputs {res['outputs_gib']:.3g}, donated {res['aliased_gib']:.3g}, "
+        f"temporaries {res['temp_gib']:.3g}; total {res['total_gib']:.3g} GiB per device; "
+        f"{fl['total'] / 1e12:.4g} TFLOP/token", flush=True)
+  if not args.no_record:
+    append_row(args.benchmarks, "Compiled step memory (compile only)", COMPILED_PREAMBLE, COMPILED_HEADER,
+               [datetime.date.today().isoformat(), commit(), f"{len(jax.devices())} x {jax.default_backend()}",
+                config, f"{compile_s:.1f}", f"{res['arguments_gib']:.2f}", f"{res['temp_gib']:.2f}",
+                f"{res['total_gib']:.2f}"])
+  return res
 
 
 def main(argv=None):
@@ -334,7 +396,12 @@ def main(argv=None):
   config = describe(args, choices)
   if args.teacher_cost and t_cfg is None:
     raise SystemExit("--teacher_cost needs a --teacher")
+  if args.teacher_cost and args.compile_only:
+    raise SystemExit("--teacher_cost times steps; --compile_only runs none: use one of them")
   print(f"# {' '.join(shlex.quote(a) for a in sys.argv)}\n# {hardware()}; {config}", flush=True)
+
+  if args.compile_only:
+    return compile_only(args, mesh, s_cfg, t_cfg, config)
 
   # With --teacher_cost both steps are built first and then timed in turn, so both see the same load.
   alphas = [0.0, args.alpha] if args.teacher_cost else [args.alpha]

@@ -5,6 +5,7 @@ Their real figures are in BENCHMARKS.md; here only that they run and write what 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,3 +49,40 @@ def test_kd_vs_sft_writes_report_and_plot_and_plot_runs_draws_them(tmp_path):
   png = str(tmp_path / "two.png")
   _script("plot_runs.py", os.path.join(workdir, "sft-seed0"), os.path.join(workdir, "logit_kd-seed0"), "--out", png)
   assert os.path.getsize(png) > 10_000
+
+
+def test_bench_compile_only_records_the_compiled_memory(tmp_path):
+  bench = str(tmp_path / "BENCHMARKS.md")
+  shutil.copy(os.path.join(ROOT, "BENCHMARKS.md"), bench)
+  before = open(bench).read().splitlines()
+  out = _script("bench.py", "--student", "tiny", "--teacher", "tiny", "--seq_len", 64, "--batch", 8, "--compile_only",
+                "--benchmarks", bench)
+  line = next(l for l in out.splitlines() if l.startswith("compile only"))
+  figures = dict(re.findall(r"(arguments|outputs|donated|temporaries|total) ([0-9.e+-]+)", line))
+  args, outs, donated, temp, total = (float(figures[k]) for k in
+                                      ("arguments", "outputs", "donated", "temporaries", "total"))
+  assert args > 0 and temp > 0 and 0 < donated <= outs  # the student's state is donated to the step
+  assert abs(total - (args + outs - donated + temp)) <= 1e-2 * total  # printed to 3 digits
+  after = open(bench).read()
+  added = [l for l in after.splitlines() if l not in before and l.startswith("| 2")]  # rows start with the date
+  assert len(added) == 1 and "--seq_len 64" in added[0], added
+  assert added[0] in after[after.index("## Compiled step memory (compile only)"):]
+
+
+def test_bench_refuses_teacher_cost_with_compile_only():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--teacher_cost", "--compile_only",
+                        "--no_record"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "use one of them" in out.stderr
+
+
+def test_gpu_check_script_runs_a_stage_and_rejects_an_unknown_one(tmp_path):
+  """scripts/gpu_check.sh is run on a lent GPU; its plumbing (stages, limits, summary) is checked here."""
+  env = {**os.environ, "GPU_CHECK_PLATFORM": "cpu", "OUT": str(tmp_path)}
+  script = os.path.join(ROOT, "scripts", "gpu_check.sh")
+  out = subprocess.run(["bash", script, "env"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+  assert "env: ok" in out.stdout and "backend cpu" in out.stdout
+  assert open(tmp_path / "gpu_check.log").read().count("=== env") == 1
+  assert open(tmp_path / "BENCHMARKS.md").read() == open(os.path.join(ROOT, "BENCHMARKS.md")).read()
+  bad = subprocess.run(["bash", script, "env", "bench2"], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert bad.returncode == 2 and "unknown stage 'bench2'" in bad.stderr
