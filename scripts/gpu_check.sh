@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# What only an NVIDIA GPU (H100/H200) can check or measure, in one call, most important first:
+#
+#   env    the machine: GPU and driver, python, jax/flax/optax/transformers versions, jax's devices, cuDNN
+#   attn   tests/test_attention.py on the GPU: cuDNN flash attention against the XLA path, the kernel alone
+#          and inside the model's attention layer (values and gradients, packed documents, GQA)
+#   smoke  the KD train step on the tiny models, a few steps: the whole step compiles and runs on the GPU
+#   bench  issue 6's step: Qwen2-7B teacher -> Qwen2-1.5B student, 2048 tokens, batch 8, attention auto
+#          (cuDNN): step time, tokens/s, MFU, compile time, peak memory
+#   tcost  the same step at alpha = 0 against alpha > 0: the teacher's share of the step time
+#   xla    the same step with the XLA attention path, to compare with cuDNN
+#
+#   bash scripts/gpu_check.sh                 # every stage, in that order
+#   bash scripts/gpu_check.sh tcost xla       # some stages (a second call, if the first ran out of time)
+#
+# Runs from the repository root on the machine's own python3 and packages (PYTHONPATH=., nothing is
+# installed; bench.py needs only jax, flax, optax and numpy). Every stage has a time limit and all of them
+# share one deadline, GPU_CHECK_SECONDS (default 560, under the device tool's 600 s a call); a stage that
+# fails or times out does not stop the next. Logs and a copy of BENCHMARKS.md with the new rows go to $OUT
+# (the device tool's folder) or gpu_check_out/; merge the rows into BENCHMARKS.md by hand. The summary is
+# printed last; the exit status is 0 only when every stage ran and passed.
+#
+# A copy of the tree without .git has no commit to record: pass it, `JAXKD_COMMIT=abc1234 bash scripts/...`.
+# Overrides, for a try on a CPU or another GPU: GPU_CHECK_PLATFORM (default cuda), GPU_CHECK_STUDENT,
+# GPU_CHECK_TEACHER, GPU_CHECK_SEQ, GPU_CHECK_BATCH, GPU_CHECK_STEPS.
+set -uo pipefail
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SELF")/.."
+
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_CHECK_SECONDS:-560}))
+OUT_DIR=${OUT:-gpu_check_out}
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+BENCH_MD="$OUT_DIR/BENCHMARKS.md"
+[ -f "$BENCH_MD" ] || cp BENCHMARKS.md "$BENCH_MD"
+PY=${PYTHON:-python3}
+PLATFORM=${GPU_CHECK_PLATFORM:-cuda}
+STUDENT=${GPU_CHECK_STUDENT:-Qwen/Qwen2-1.5B}
+TEACHER=${GPU_CHECK_TEACHER:-Qwen/Qwen2-7B}
+SEQ=${GPU_CHECK_SEQ:-2048}
+BATCH=${GPU_CHECK_BATCH:-8}
+STEPS=${GPU_CHECK_STEPS:-10}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 JAX_PLATFORMS=$PLATFORM
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# XLA:CPU's compiled memory for the step is 95 GiB (bench.py --compile_only, BENCHMARKS.md; a GPU should need
+# less), and tcost holds a second student state (17 GiB): more than jax's default pool of 75% of the card.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.94}
+
+stage_env() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "(no nvidia-smi)"
+  "$PY" - <<'EOF'
+import importlib, sys
+print("python", sys.version.split()[0], sys.executable)
+for name in ("jax", "jaxlib", "flax", "optax", "transformers", "numpy"):
+  try:
+    print(name, importlib.import_module(name).__version__)
+  except Exception as e:  # noqa: BLE001
+    print(name, "MISSING:", e)
+import jax
+print("backend", jax.default_backend(), "devices", jax.devices())
+d = jax.devices()[0]
+print("device_kind", d.device_kind, "compute_capability", getattr(d, "compute_capability", None))
+from jaxkd.models import attention
+print("attention facts", attention._gpu_facts() if jax.default_backend() == "gpu" else "(not a GPU)")
+EOF
+}
+
+stage_attn() { "$PY" -m pytest tests/test_attention.py -q -n 0 -p no:cacheprovider -rs; }
+stage_smoke() { "$PY" scripts/bench.py --student tiny --teacher tiny --steps 3 --warmup 1 --no_record; }
+stage_bench() { "$PY" "${BENCH[@]}"; }
+stage_tcost() { "$PY" "${BENCH[@]}" --teacher_cost; }
+stage_xla() { "$PY" "${BENCH[@]}" --attention xla; }
+
+BENCH=(scripts/bench.py --student "$STUDENT" --teacher "$TEACHER" --seq_len "$SEQ" --batch "$BATCH"
+       --remat dots_no_batch --steps "$STEPS" --benchmarks "$BENCH_MD")
+ALL=(env attn smoke bench tcost xla)
+if [ "${1:-}" = "--one" ]; then  # one stage, in a child process that `timeout` can stop
+  set -e
+  "stage_$2"
+  exit
+fi
+STAGES=("$@")
+[ ${#STAGES[@]} -gt 0 ] || STAGES=("${ALL[@]}")
+for s in "${STAGES[@]}"; do
+  case " ${ALL[*]} " in *" $s "*) ;; *) echo "unknown stage '$s'; stages: ${ALL[*]}" >&2; exit 2 ;; esac
+done
+
+declare -A LIMIT=([env]=90 [attn]=240 [smoke]=150 [bench]=300 [tcost]=420 [xla]=300)
+SUMMARY=()
+FAILED=0
+for s in "${STAGES[@]}"; do
+  left=$((DEADLINE - $(date +%s)))
+  if [ "$left" -lt 45 ]; then
+    SUMMARY+=("$s: skipped, ${left}s left of the deadline")
+    FAILED=1
+    continue
+  fi
+  limit=$((LIMIT[$s] < left ? LIMIT[$s] : left))
+  echo "=== $s (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$LOG"
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" bash "$SELF" --one "$s" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  took=$(($(date +%s) - t0))
+  case $rc in
+    0) status="ok" ;; 124|137) status="TIMED OUT at ${limit}s" ;; *) status="FAILED (exit $rc)" ;;
+  esac
+  [ "$rc" = 0 ] || FAILED=1
+  SUMMARY+=("$s: $status, ${took}s")
+done
+
+{
+  echo
+  echo "=== summary ($(($(date +%s) - START))s in all; log $LOG, rows in $BENCH_MD)"
+  printf '%s\n' "${SUMMARY[@]}"
+  grep -E "^(alpha=|teacher cost:|attention facts|device_kind|jax )|^[0-9]+ (passed|failed)|^(FAILED|ERROR)" "$LOG" | tail -20
+  diff <(cat BENCHMARKS.md) "$BENCH_MD" | grep '^>' | sed 's/^> /new row: /'
+} | tee -a "$LOG"
+exit $FAILED  # 0 only when every stage asked for ran and passed
