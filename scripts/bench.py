@@ -195,7 +195,7 @@ def build(args, mesh, *, alpha: float, s_cfg, t_cfg, abstract: bool = False):
                                   teacher_shardings=t_sh, batch_shardings=batch_sh)
     batch = synthetic_batch(args.batch, args.seq_len, vocab, args.docs_per_row)
     if abstract:
-      state = abstract_like(jax.eval_shape(lambda p: step_lib.TrainState(  # noqa: E731
+      state = abstract_like(jax.eval_shape(lambda p: step_lib.TrainState(
           step=jnp.int32(0), params=p, opt_state=optimizer.init(p)), params), state_sh)
       return fn, state, t_params, abstract_like(batch, batch_sh), lc
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
@@ -325,13 +325,14 @@ TEACHER_HEADER = ["date", "commit", "hardware", "config", "step s alpha=0", "ste
 
 
 KEY_FLAGS = ("student", "teacher", "seq_len", "batch")
+NOT_CONFIG = ("benchmarks", "no_record", "teacher_cost", "compile_only")  # what to do, not what was run
 
 
 def describe(args, choices: dict) -> str:
   """The command's flags (key ones always, others where not default), and the attention kernels that ran."""
   defaults = vars(parse_args([]))
   flags = [f"--{k} {v}" for k, v in vars(args).items()
-           if k not in ("benchmarks", "no_record", "teacher_cost", "compile_only") and (k in KEY_FLAGS or v != defaults[k])]
+           if k not in NOT_CONFIG and (k in KEY_FLAGS or v != defaults[k])]
   ran = {c.implementation for c in choices.values()}
   if ran == {args.attention}:
     return f"`{' '.join(flags)}`"
@@ -344,9 +345,9 @@ COMPILED_PREAMBLE = """
 abstract inputs (nothing is allocated or run), so shapes far too big for the machine can be checked. From
 XLA's `memory_analysis()` of the compiled step: arguments (parameters, optimizer state, teacher, batch),
 temporaries, and the total the step needs at once = arguments + outputs - donated (aliased) + temporaries.
-On a CPU the figures are expected to be above a GPU's, not a guarantee: XLA:CPU upcasts bf16 dots to
-float32 (adding float32 copies of bf16 weights), and its attention is the XLA path, which builds the
-[B, N, T, T] scores that cuDNN's flash kernel never does.
+On a CPU the figures are expected to be above a GPU's, not a guarantee: XLA:CPU computes bf16 dots in
+float32 and keeps the activations it saves for the backward pass in float32, and its attention is the XLA
+path, which builds the [B, N, T, T] scores that cuDNN's flash kernel never does.
 """
 
 COMPILED_HEADER = ["date", "commit", "backend", "config", "compile s", "arguments GiB", "temporaries GiB",

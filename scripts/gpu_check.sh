@@ -113,7 +113,8 @@ done
   echo
   echo "=== summary ($(($(date +%s) - START))s in all; log $LOG, rows in $BENCH_MD)"
   printf '%s\n' "${SUMMARY[@]}"
-  grep -E "^(alpha=|teacher cost:|attention facts|device_kind|jax )|^[0-9]+ (passed|failed)|^(FAILED|ERROR)" "$LOG" | tail -20
+  key_lines="^(alpha=|teacher cost:|attention facts|device_kind|jax )|^[0-9]+ (passed|failed)|^(FAILED|ERROR)"
+  grep -E "$key_lines" "$LOG" | tail -20
   diff <(cat BENCHMARKS.md) "$BENCH_MD" | grep '^>' | sed 's/^> /new row: /'
 } | tee -a "$LOG"
 exit $FAILED  # 0 only when every stage asked for ran and passed
