@@ -20,6 +20,10 @@
 # (the device tool's folder) or gpu_check_out/; merge the rows into BENCHMARKS.md by hand. The summary is
 # printed last; the exit status is 0 only when every stage ran and passed.
 #
+# If that machine's flax or optax turn out not to fit this code, carry the versions tested here as wheels in
+# .whl/ (git-ignored; the device tool's `carry`), fetched on a machine with pip access by
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl flax==0.12.8 optax==0.2.8
+# and the script installs them into /tmp/jaxkd-site ahead of the machine's own.
 # A copy of the tree without .git has no commit to record: pass it, `JAXKD_COMMIT=abc1234 bash scripts/...`.
 # Overrides, for a try on a CPU or another GPU: GPU_CHECK_PLATFORM (default cuda), GPU_CHECK_STUDENT,
 # GPU_CHECK_TEACHER, GPU_CHECK_SEQ, GPU_CHECK_BATCH, GPU_CHECK_STEPS.
@@ -54,7 +58,8 @@ import importlib, sys
 print("python", sys.version.split()[0], sys.executable)
 for name in ("jax", "jaxlib", "flax", "optax", "transformers", "numpy"):
   try:
-    print(name, importlib.import_module(name).__version__)
+    module = importlib.import_module(name)
+    print(name, module.__version__, module.__file__)
   except Exception as e:  # noqa: BLE001
     print(name, "MISSING:", e)
 import jax
@@ -75,6 +80,11 @@ stage_xla() { "$PY" "${BENCH[@]}" --attention xla; }
 BENCH=(scripts/bench.py --student "$STUDENT" --teacher "$TEACHER" --seq_len "$SEQ" --batch "$BATCH"
        --remat dots_no_batch --steps "$STEPS" --benchmarks "$BENCH_MD")
 ALL=(env attn smoke bench tcost xla)
+if [ "${1:-}" != "--one" ] && compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/jaxkd-site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/jaxkd-site:$PYTHONPATH"
+  echo "using the carried wheels: $(cd .whl && echo *.whl)" | tee -a "$LOG"
+fi
 if [ "${1:-}" = "--one" ]; then  # one stage, in a child process that `timeout` can stop
   set -e
   "stage_$2"
