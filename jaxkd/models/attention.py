@@ -122,7 +122,8 @@ def choose_implementation(requested: str, *, backend: str, dtype, head_dim: int,
 def _gpu_facts() -> dict:
   dev = jax.devices()[0]
   cap = getattr(dev, "compute_capability", None)
-  facts = {"cuda": "cuda" in str(getattr(dev.client, "platform_version", "")).lower(),
+  version = str(getattr(dev.client, "platform_version", "")).lower()  # names CUDA, or ROCm on AMD GPUs
+  facts = {"cuda": "cuda" in version or "nvidia" in dev.device_kind.lower(),
            "capability": tuple(int(x) for x in str(cap).split(".")) if cap else None, "cudnn": False}
   try:  # the check jax.nn's cudnn path runs first; it raises without cuDNN
     from jax._src.cudnn import fused_attention_stablehlo  # pylint: disable=import-outside-toplevel
