@@ -64,6 +64,15 @@ def batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
+def batch_problem(mesh: Mesh, rows: int, name: str, alternative: str) -> str:
+  """Why a batch of `rows` rows (set by `name`) cannot be split over `mesh`, or ""."""
+  shards = batch_shards(mesh)
+  if rows % shards == 0:
+    return ""
+  return (f"{name}={rows} is not divisible by {shards}, the mesh's data x fsdp ({dict(mesh.shape)}) over which "
+          f"each batch's rows are split; use a multiple of {shards}, or {alternative}")
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh: Mesh | None = None) -> P:
   """PartitionSpec for logical `axes`; with `shape` and `mesh`, dims the mesh cannot divide are replicated."""

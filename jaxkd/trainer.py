@@ -139,12 +139,10 @@ class Run:
       os.makedirs(self.workdir, exist_ok=True)
     distributed.barrier("jaxkd:workdir")
     self.mesh = shd.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
-    shards = shd.batch_shards(self.mesh)
-    if c.data.batch_size % shards:
-      raise config_base.ConfigError(
-          f"config.data.batch_size={c.data.batch_size} is not divisible by {shards}, the mesh's data x fsdp "
-          f"({dict(self.mesh.shape)}) over which each batch's rows are split; use a multiple of {shards}, or "
-          "set mesh.fsdp / mesh.data (and mesh.tensor) to split it fewer ways")
+    problem = shd.batch_problem(self.mesh, c.data.batch_size, "config.data.batch_size",
+                                "set mesh.fsdp / mesh.data (and mesh.tensor) to split it fewer ways")
+    if problem:
+      raise config_base.ConfigError(problem)
     self.ckpt = self._checkpointer()
     self._claim_workdir()
     # With checkpoints present the run resumes (or fails loudly): it never starts afresh over them.

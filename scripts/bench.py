@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxkd import optim, step as step_lib, tiny
+from jaxkd import checkpoint, optim, step as step_lib, tiny
 from jaxkd import sharding as shd
 from jaxkd.models import Transformer, attention, config_from_hf, hf_io
 from jaxkd.models.presets import PRESETS
@@ -105,11 +105,6 @@ def model_config(name: str, role: str):
   return config_from_hf(PRESETS[name])
 
 
-def abstract_like(tree, shardings):
-  """ShapeDtypeStructs carrying `shardings`: what `jit(...).lower` needs, with nothing allocated."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def init_model(cfg, mesh, *, param_dtype, dtype, remat="none", attention_impl="auto", seed=0, abstract=False):
   """(graphdef, parameters as a nested dict placed on their shardings, shardings), initialised on device.
 
@@ -122,7 +117,7 @@ def init_model(cfg, mesh, *, param_dtype, dtype, remat="none", attention_impl="a
   graphdef = nnx.split(module)[0]
   shardings = step_lib.module_shardings(mesh, module)
   if abstract:
-    return graphdef, abstract_like(jax.eval_shape(init), shardings), shardings
+    return graphdef, checkpoint.abstract_like(jax.eval_shape(init), shardings), shardings
   return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
 
 
@@ -195,9 +190,9 @@ def build(args, mesh, *, alpha: float, s_cfg, t_cfg, abstract: bool = False):
                                   teacher_shardings=t_sh, batch_shardings=batch_sh)
     batch = synthetic_batch(args.batch, args.seq_len, vocab, args.docs_per_row)
     if abstract:
-      state = abstract_like(jax.eval_shape(lambda p: step_lib.TrainState(
+      state = checkpoint.abstract_like(jax.eval_shape(lambda p: step_lib.TrainState(
           step=jnp.int32(0), params=p, opt_state=optimizer.init(p)), params), state_sh)
-      return fn, state, t_params, abstract_like(batch, batch_sh), lc
+      return fn, state, t_params, checkpoint.abstract_like(batch, batch_sh), lc
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     state = step_lib.TrainState(step=jax.device_put(jnp.int32(0), rep), params=params, opt_state=opt_state)
     batch = jax.device_put(batch, batch_sh)
@@ -383,9 +378,9 @@ def main(argv=None):
   args = parse_args(argv)
   jax.config.update("jax_enable_compilation_cache", False)  # compile time means compiling
   mesh = shd.make_mesh([int(x) for x in args.mesh.split(",")])
-  if args.batch % shd.batch_shards(mesh):
-    raise SystemExit(f"--batch {args.batch} is not divisible by {shd.batch_shards(mesh)}, the data x fsdp size of "
-                     f"the mesh {dict(mesh.shape)}; use a multiple of it or another --mesh")
+  problem = shd.batch_problem(mesh, args.batch, "--batch", "use another --mesh")
+  if problem:
+    raise SystemExit(problem)
   s_cfg = model_config(args.student, "student")
   t_cfg = None if args.teacher == "none" else model_config(args.teacher, "teacher")
   choices = {role: attention.implementation_for(args.attention, dtype=hf_io.resolve_dtype(dtype),
