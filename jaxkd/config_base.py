@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.tokenizer = ""  # default: the student's folder
   c.student.param_dtype = "float32"  # master weights
   c.student.compute_dtype = "bfloat16"
-  c.student.remat = "none"  # none | full | dots | dots_no_batch
+  c.student.remat = "none"  # none | full | dots | dots_no_batch | dots_no_batch_attention
   # auto: cuDNN flash attention on GPU (bf16/fp16), Pallas splash on TPU, XLA elsewhere | xla | cudnn | splash
   c.student.attention = "auto"
 
@@ -137,7 +137,7 @@ def hub_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.eval_every = 500
   c.student.compute_dtype = "bfloat16"
-  c.student.remat = "dots_no_batch"
+  c.student.remat = "dots_no_batch_attention"
   c.teacher.dtype = "bfloat16"
   c.optimizer.lr = 2e-5
   c.optimizer.warmup_steps = 100

@@ -8,7 +8,7 @@ real configs from `jaxkd.models.presets` (random weights, nothing downloaded) or
     python scripts/bench.py --student tiny --teacher tiny                      # a few seconds on a CPU
     python scripts/bench.py --student Qwen/Qwen2-0.5B --teacher none --seq_len 256 --batch 1
     python scripts/bench.py --student Qwen/Qwen2-1.5B --teacher Qwen/Qwen2-7B --seq_len 2048 --batch 8 \\
-        --remat dots_no_batch                                                   # one H200
+        --remat dots_no_batch_attention                                         # one H200
     python scripts/bench.py --student tiny --teacher tiny --teacher_cost       # alpha = 0 against alpha > 0
 
 Reported: compile time (lower + compile, persistent cache off), step time (median over --steps after

@@ -78,7 +78,7 @@ stage_tcost() { "$PY" "${BENCH[@]}" --teacher_cost; }
 stage_xla() { "$PY" "${BENCH[@]}" --attention xla; }
 
 BENCH=(scripts/bench.py --student "$STUDENT" --teacher "$TEACHER" --seq_len "$SEQ" --batch "$BATCH"
-       --remat dots_no_batch --steps "$STEPS" --benchmarks "$BENCH_MD")
+       --remat dots_no_batch_attention --steps "$STEPS" --benchmarks "$BENCH_MD")
 ALL=(env attn smoke bench tcost xla)
 if [ "${1:-}" != "--one" ] && compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/jaxkd-site .whl/*.whl || exit 1

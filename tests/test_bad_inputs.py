@@ -58,7 +58,7 @@ SHORT = {"steps": 2, "checkpoint_every": 2, "data.eval_fraction": 0.0, "progress
     ("student.path", "", r"config\.student\.path='': is empty"),
     ("student.attention", "flash", r"config\.student\.attention='flash': use one of auto, xla, cudnn, splash"),
     ("teacher.attention", "fast", r"config\.teacher\.attention='fast': use one of auto, xla, cudnn, splash"),
-    ("student.remat", "some", r"config\.student\.remat='some': use one of dots, dots_no_batch, full, none"),
+    ("student.remat", "some", r"config\.student\.remat='some': use one of dots, dots_no_batch, dots_no_batch_attention, full, none"),
     ("distributed.heartbeat_timeout_s", 0, r"config\.distributed\.heartbeat_timeout_s=0: must be >= 1"),
     ("distributed.coordinator", "127.0.0.1:1234",
      r"config\.distributed\.num_processes=0: with distributed\.coordinator='127\.0\.0\.1:1234' it must be the "

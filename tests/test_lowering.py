@@ -41,13 +41,13 @@ def _target(monkeypatch, backend: str):
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
 
 
-def _lowered_step(platform: str, *, attention="auto", mesh_shape=(1, 1, 1), rows=2) -> str:
+def _lowered_step(platform: str, *, attention="auto", mesh_shape=(1, 1, 1), rows=2, remat="none") -> str:
   """StableHLO text of the KD train step (bf16 student and teacher, alpha 0.5) lowered for `platform`."""
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   with jax.set_mesh(mesh):
-    modules = {name: nnx.eval_shape(lambda cfg=cfg, seed=seed: Transformer(
-        ModelConfig(**cfg), dtype=jnp.bfloat16, attention=attention, rngs=nnx.Rngs(seed)))
-               for name, cfg, seed in (("student", STUDENT, 0), ("teacher", TEACHER, 1))}
+    modules = {name: nnx.eval_shape(lambda cfg=cfg, seed=seed, remat=remat: Transformer(
+        ModelConfig(**cfg), dtype=jnp.bfloat16, attention=attention, remat=remat, rngs=nnx.Rngs(seed)))
+               for name, cfg, seed, remat in (("student", STUDENT, 0, remat), ("teacher", TEACHER, 1, "none"))}
     (s_def, s_state), (t_def, t_state) = (nnx.split(modules[n]) for n in ("student", "teacher"))
     s_sh, t_sh = (step_lib.module_shardings(mesh, modules[n]) for n in ("student", "teacher"))
     params, param_sh = {"student": nnx.to_pure_dict(s_state)}, {"student": s_sh}
@@ -142,3 +142,18 @@ def test_float32_compute_falls_back_to_xla(monkeypatch, backend, platform):
   fused = bool(_cudnn_calls(text)) or "tpu_custom_call" in text
   assert fused == (backend == "tpu")
 
+
+@pytest.mark.parametrize("backend,platform", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_remat_policy_that_keeps_the_fused_attention_output(monkeypatch, backend, platform):
+  """Under `dots_no_batch` the fused kernel is no dot, so its output is not saved and the backward pass runs
+  the student's attention forward again; `dots_no_batch_attention` saves it (and its softmax statistics)."""
+  _target(monkeypatch, backend)
+
+  def student_forwards(remat):
+    text = _lowered_step(platform, remat=remat)
+    if backend == "gpu":
+      return sum(name == "fmhaScaleBiasSoftmax" and "f32" in r for name, r in _cudnn_calls(text))
+    return len(re.findall(r'kernel_name = "splash_mha_fwd_segmented_residuals"', text))
+
+  assert student_forwards("dots_no_batch") == 2
+  assert student_forwards("dots_no_batch_attention") == 1

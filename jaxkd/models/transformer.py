@@ -22,11 +22,24 @@ from jaxkd.models.config import ModelConfig
 from jaxkd.models.layers import Embed, Linear, Norm, apply_rope, rope_cos_sin
 from jaxkd.sharding import constrain
 
+# Primitives of the fused attention kernels whose outputs (the attention output and its softmax statistics,
+# which their backward needs) are worth keeping: cuDNN's forward, and Pallas calls (splash; the model has no
+# other Pallas kernel). Not saved, the backward pass runs the attention forward of every layer again.
+FUSED_ATTENTION_PRIMITIVES = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd", "pallas_call")
+
+
+def _dots_no_batch_and_attention(prim, *args, **params) -> bool:
+  return (prim.name in FUSED_ATTENTION_PRIMITIVES
+          or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # dots_no_batch, and the fused attention kernels' outputs (the same as dots_no_batch on the XLA path).
+    "dots_no_batch_attention": _dots_no_batch_and_attention,
 }
 
 
