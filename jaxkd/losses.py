@@ -238,10 +238,11 @@ def _kl_from_logs(logp_xV, logq_xV, support_xV=None):
   Off the support log p = -inf. Masking only the product is not enough: its
   backward pass still forms 0 * (-inf) = NaN for d/dp. So log p is first
   replaced by a harmless 0 there ("double where"), and the product masked.
+  Without a `support_xV` (teacher top-k), p's support is where log p is
+  finite: logits given as -inf (masked vocabulary columns) are off it.
   """
   if support_xV is None:
-    p_xV = jnp.exp(logp_xV)
-    return jnp.sum(p_xV * (logp_xV - logq_xV), axis=-1)
+    support_xV = jnp.isfinite(logp_xV)
   safe_logp_xV = jnp.where(support_xV, logp_xV, 0.0)
   term_xV = jnp.exp(safe_logp_xV) * (safe_logp_xV - logq_xV)
   return jnp.sum(jnp.where(support_xV, term_xV, 0.0), axis=-1)
@@ -253,7 +254,12 @@ def _log_mixture(weight_t, logp_t_xV, logp_s_xV):
     # log(0) = -inf would work in the forward pass, but skew=0 is just the
     # plain forward KL, so skip the mixture altogether.
     return logp_s_xV
-  return jnp.logaddexp(jnp.log(weight_t) + logp_t_xV, jnp.log1p(-weight_t) + logp_s_xV)
+  a_xV, b_xV = jnp.log(weight_t) + logp_t_xV, jnp.log1p(-weight_t) + logp_s_xV
+  # A column off both supports (-inf in both: a masked vocabulary column) stays -inf; logaddexp's gradient
+  # there is NaN, so it gets harmless inputs first (the "double where" of _kl_from_logs).
+  off_xV = jnp.isneginf(a_xV) & jnp.isneginf(b_xV)
+  mixed_xV = jnp.logaddexp(jnp.where(off_xV, 0.0, a_xV), jnp.where(off_xV, 0.0, b_xV))
+  return jnp.where(off_xV, -jnp.inf, mixed_xV)
 
 
 def per_token_divergence(student_logits, teacher_logits, *, kind: str = "forward_kl", temperature: float = 1.0,

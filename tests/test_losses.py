@@ -381,6 +381,25 @@ def test_no_nan_grads_topk_masked_and_extreme(kind):
                 assert np.all(np.asarray(gs) == 0.0)
 
 
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_minus_inf_logits_are_columns_off_the_support(kind):
+    """Logits set to -inf (a common way to drop vocabulary columns) count as 0 log 0 = 0, not NaN: the value is
+    the reference's and the gradient is the one of the logits without those columns (zero on them)."""
+    zs, zt = random_logits(90, v_s=12, v_t=12)
+    zs[..., 9:] = zt[..., 9:] = -np.inf
+    loss = lambda a, b: kd_loss(a, b, kind=kind, temperature=1.5)  # noqa: E731
+    got = loss(jnp.asarray(zs), jnp.asarray(zt))
+    np.testing.assert_allclose(float(got), np_kd_loss(zs, zt, kind=kind, tau=1.5), **F32_TOL)
+    grad = np.asarray(jax.grad(loss)(jnp.asarray(zs), jnp.asarray(zt)))
+    cut = np.asarray(jax.grad(loss)(jnp.asarray(zs[..., :9]), jnp.asarray(zt[..., :9])))
+    np.testing.assert_allclose(grad[..., :9], cut, **F32_TOL)
+    assert np.all(grad[..., 9:] == 0.0)
+    if kind == "forward_kl":  # a column only the teacher drops: p_T = 0 there, the divergence stays finite
+        zt[..., 3] = -np.inf
+        np.testing.assert_allclose(float(loss(jnp.asarray(zs), jnp.asarray(zt))),
+                                   np_kd_loss(zs, zt, kind=kind, tau=1.5), **F32_TOL)
+
+
 # ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------
