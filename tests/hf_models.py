@@ -11,6 +11,7 @@ _SIZES = dict(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layer
 CONFIGS = {
     "qwen2_tied": tf.Qwen2Config(**_SIZES, tie_word_embeddings=True),
     "qwen2_untied": tf.Qwen2Config(**_SIZES, tie_word_embeddings=False, rope_theta=1e6),
+    "qwen2_head_dim": tf.Qwen2Config(**_SIZES, head_dim=16, tie_word_embeddings=False),  # != hidden / heads
     "llama_gqa_llama3": tf.LlamaConfig(
         **{**_SIZES, "num_key_value_heads": 1}, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

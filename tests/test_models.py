@@ -1,8 +1,10 @@
 """The model ports against transformers' PyTorch forward, the exporter, and the parameter counts."""
 
 import copy
+import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +102,8 @@ def test_bf16_loading(hf_factory):
   assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
-@pytest.mark.parametrize("name", ["qwen2_tied", "llama_bias_linear", "stablelm_full", "llama_yarn"])
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_head_dim", "llama_bias_linear", "stablelm_full",
+                                  "llama_yarn"])
 def test_export_reloads_in_transformers(hf_factory, tmp_path, name):
   model = models.from_pretrained(hf_factory(name))
   out = models.save_pretrained(model, str(tmp_path / "export"))
@@ -235,6 +238,33 @@ def test_wrong_shape_is_named(hf_factory, tmp_path):
     models.from_pretrained(folder)
 
 
+def test_tied_config_with_a_different_lm_head_is_refused(hf_factory, tmp_path):
+  """transformers 5 would untie and use lm_head.weight; a tied model would drop it: neither silently."""
+  folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
+  _rewrite_weights(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+  models.from_pretrained(folder)  # a copy of the embedding table is harmless
+  _rewrite_weights(folder, lambda t: t["lm_head.weight"][5].add_(1.0))
+  with pytest.raises(models.CheckpointError, match=r"tie_word_embeddings=true.*lm_head\.weight, which differs "
+                                                   r"from model\.embed_tokens\.weight.*tie_word_embeddings to false"):
+    models.from_pretrained(folder)
+
+
+def test_index_naming_the_wrong_shard_is_named(hf_factory, tmp_path):
+  model = models.from_pretrained(hf_factory("qwen2_tied"))
+  out = models.save_pretrained(model, str(tmp_path / "s"), max_shard_size=30_000)
+  index = os.path.join(out, "model.safetensors.index.json")
+  with open(index) as f:
+    meta = json.load(f)
+  shards = sorted(set(meta["weight_map"].values()))
+  name = next(n for n, s in meta["weight_map"].items() if s == shards[0])
+  meta["weight_map"][name] = shards[1]
+  with open(index, "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(models.CheckpointError, match=rf"maps weight {re.escape(name)} to {shards[1]}, which does "
+                                                   "not hold it"):
+    models.from_pretrained(out)
+
+
 def test_missing_shard_is_named(hf_factory, tmp_path):
   model = models.from_pretrained(hf_factory("qwen2_tied"))
   out = models.save_pretrained(model, str(tmp_path / "s"), max_shard_size=30_000)
@@ -268,7 +298,8 @@ def test_hub_id_offline_says_how_to_fix(monkeypatch):
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"use_sliding_window": True}, r"use_sliding_window"),
+    ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": None},
+     r"layers \[1\] 'sliding_attention'.*use_sliding_window"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, r"layer_types.*sliding"),
     ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, r"rope_type='longrope'"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, r"rope_parameters.*rope_scaling.*disagree"),
@@ -281,6 +312,15 @@ def test_unsupported_config_fields_are_named(hf_factory, tmp_path, changes, matc
   _edit_config(folder, **changes)
   with pytest.raises(models.UnsupportedConfigError, match=match):
     models.from_pretrained(folder)
+
+
+def test_sliding_window_switched_on_but_used_by_no_layer_loads(hf_factory, tmp_path):
+  """use_sliding_window with max_window_layers >= the depth: transformers makes every layer full attention."""
+  folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
+  _edit_config(folder, use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=None)
+  plain = models.from_pretrained(hf_factory("qwen2_tied")).cfg
+  loaded = models.from_pretrained(folder).cfg
+  assert dataclasses.replace(loaded, hf_passthrough=()) == dataclasses.replace(plain, hf_passthrough=())
 
 
 def test_both_config_spellings_give_the_same_model():

@@ -188,12 +188,51 @@ def _check_names_and_shapes(cfg, folder, table, flat, files: dict[str, str]):
         "attention_bias, use_qkv_bias, qk_layernorm, tie_word_embeddings, num_hidden_layers)")
   readers = {f: SafetensorsFile(f) for f in sorted(set(files[n] for n in expected))}
   for name, want in expected.items():
+    if name not in readers[files[name]]:
+      raise _not_in_shard(folder, name, files[name])
     got = readers[files[name]].shape(name)
     if tuple(got) != tuple(want):
       raise CheckpointError(
           f"{files[name]}: weight {name} has shape {tuple(got)} but config.json implies {tuple(want)}; "
           "the weights and config.json do not belong together")
+  if cfg.tie_embeddings and "lm_head.weight" in files:
+    _check_tied_head(folder, files, table["embed_tokens.embedding"])
   return readers
+
+
+def _not_in_shard(folder: str, name: str, shard: str) -> CheckpointError:
+  return CheckpointError(
+      f"{folder}: model.safetensors.index.json maps weight {name} to {os.path.basename(shard)}, which does not "
+      "hold it; the index and the shards do not belong together (re-download them together)")
+
+
+def _check_tied_head(folder: str, files: dict[str, str], embed_name: str, rows_per_read: int = 8192) -> None:
+  """A tied config whose checkpoint also holds lm_head.weight: fine if it is a copy of the embedding table.
+
+  If it differs, transformers 5 unties the two and uses it, while a tied model would drop it: every logit
+  would differ from the model these weights were trained as, so refuse rather than pick one silently.
+  """
+  head, embed = SafetensorsFile(files["lm_head.weight"]), SafetensorsFile(files[embed_name])
+  if "lm_head.weight" not in head:
+    raise _not_in_shard(folder, "lm_head.weight", files["lm_head.weight"])
+  problem = ""
+  if head.shape("lm_head.weight") != embed.shape(embed_name):
+    problem = f"has shape {head.shape('lm_head.weight')}, not the shape {embed.shape(embed_name)} of {embed_name}"
+  else:
+    for start in range(0, head.shape("lm_head.weight")[0], rows_per_read):
+      rows = slice(start, start + rows_per_read)
+      a = head.read("lm_head.weight", rows).astype(np.float32)
+      b = embed.read(embed_name, rows).astype(np.float32)
+      if not np.array_equal(a, b):
+        problem = f"differs from {embed_name} (first in rows {start}-{start + len(a) - 1})"
+        break
+  if problem:
+    raise CheckpointError(
+        f"{folder}: config.json sets tie_word_embeddings=true, but the checkpoint also holds lm_head.weight, "
+        f"which {problem}. Tied, the embedding table would be the output head and lm_head.weight "
+        "would be dropped (transformers 5 unties them and uses lm_head.weight instead). Set "
+        "tie_word_embeddings to false in config.json if lm_head.weight is the trained output head, or delete "
+        "lm_head.weight from the checkpoint if the embedding table is")
 
 
 def load_params(model, folder: str, *, mesh: Mesh | None = None) -> None:

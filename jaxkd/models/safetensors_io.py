@@ -63,6 +63,9 @@ class SafetensorsFile:
   def names(self):
     return list(self._entries)
 
+  def __contains__(self, name: str) -> bool:
+    return name in self._entries
+
   def shape(self, name: str) -> tuple[int, ...]:
     return self._entries[name][1]
 
