@@ -86,6 +86,14 @@ class TrainState:
 # The objective.
 
 
+def _label_nll(logp_NxV, labels_N):
+  """-log p[label]; NaN for a label outside [0, V), as in the fused loss (take_along_axis alone would wrap a
+  negative label around to a real column and train on it)."""
+  v = logp_NxV.shape[-1]
+  picked_N = jnp.take_along_axis(logp_NxV, jnp.clip(labels_N, 0, v - 1)[:, None], axis=-1)[:, 0]
+  return jnp.where((labels_N >= 0) & (labels_N < v), -picked_N, jnp.nan)
+
+
 def _materialised_sums(s_hidden_NxD, s_head_DxV, labels_N, mask_N, t_hidden_NxD, t_head_DxV, lc: LossConfig):
   """Reference objective on full [N, V] logits (distill.fused=False); same outputs as the fused one."""
   s_logits_NxV = jnp.dot(s_hidden_NxD, s_head_DxV, preferred_element_type=jnp.float32)
@@ -93,7 +101,7 @@ def _materialised_sums(s_hidden_NxD, s_head_DxV, labels_N, mask_N, t_hidden_NxD,
     s_logits_NxV = s_logits_NxV[:, :lc.vocab_size]
   logp_NxV = jax.nn.log_softmax(s_logits_NxV)
   keep_N = mask_N > 0
-  ce_N = -jnp.take_along_axis(logp_NxV, labels_N[:, None], axis=-1)[:, 0]
+  ce_N = _label_nll(logp_NxV, labels_N)
   aux = {"ce_sum": jnp.sum(jnp.where(keep_N, ce_N, 0.0)), "count": jnp.sum(keep_N, dtype=jnp.float32),
          "correct_sum": jnp.sum(keep_N & (jnp.argmax(s_logits_NxV, -1) == labels_N), dtype=jnp.float32)}
   if t_hidden_NxD is None:
@@ -104,7 +112,7 @@ def _materialised_sums(s_hidden_NxD, s_head_DxV, labels_N, mask_N, t_hidden_NxD,
   d_N = losses.per_token_divergence(s_logits_NxV, t_logits_NxV, kind=lc.kind, temperature=lc.temperature,
                                     beta=lc.beta, skew=lc.skew, teacher_top_k=lc.teacher_top_k)
   kl1_N = losses.per_token_divergence(s_logits_NxV, t_logits_NxV, kind="forward_kl")
-  t_ce_N = -jnp.take_along_axis(jax.nn.log_softmax(t_logits_NxV), labels_N[:, None], axis=-1)[:, 0]
+  t_ce_N = _label_nll(jax.nn.log_softmax(t_logits_NxV), labels_N)
   aux.update(
       kd_sum=lc.temperature ** 2 * jnp.sum(jnp.where(keep_N, d_N, 0.0)),
       kl1_sum=jnp.sum(jnp.where(keep_N, kl1_N, 0.0)),
@@ -233,6 +241,14 @@ def _modules(student_def, projector_def, teacher_def, params, teacher_params, lc
   return student, projector, teacher
 
 
+def _schedule_count(opt_state, step):
+  """The count the optimizer's schedule reads this step: its own, which a skipped (non-finite) step does not
+  advance, so the logged lr is the one applied; `step` where the optimizer keeps none (a constant lr)."""
+  states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+            if isinstance(s, optax.ScaleByScheduleState)]
+  return states[0].count if states else step
+
+
 def make_train_step(student_def, teacher_def, optimizer: optax.GradientTransformation, lr_schedule,
                     lc: LossConfig, *, projector_def=None, state_shardings=None, teacher_shardings=None,
                     batch_shardings=None):
@@ -283,7 +299,8 @@ def make_train_step(student_def, teacher_def, optimizer: optax.GradientTransform
     keep = lambda grads, opt_state, params: (params, opt_state)
     params, opt_state = jax.lax.cond(finite, update, keep, grads, state.opt_state, state.params)
     metrics = {"loss": loss, **metrics_from_sums(aux, lc, n_hidden), "grad_norm": grad_norm,
-               "lr": lr_schedule(state.step), "nonfinite": 1.0 - finite.astype(jnp.float32)}
+               "lr": lr_schedule(_schedule_count(state.opt_state, state.step)),
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return jax.jit(train_step, in_shardings=(state_shardings, teacher_shardings, batch_shardings),

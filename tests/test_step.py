@@ -93,6 +93,35 @@ def test_fused_step_equals_materialised_step():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), fused, plain)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("target", [-5, V + 2])
+def test_invalid_target_on_a_kept_token_is_nonfinite_in_both_paths(fused, target):
+  """A target outside [0, V) on a trained token makes the loss NaN, so the step is skipped, in the fused and
+  the materialised objective alike (a negative one must not wrap around to a real column)."""
+  fn, state, t_params = _setup(step_lib.LossConfig(**{**LC.__dict__, "fused": fused}))
+  batch = _batch(0)
+  batch["targets"][0, 0], batch["loss_mask"][0, 0] = target, 1.0
+  _, m = fn(state, t_params, batch)
+  assert np.isnan(float(m["ce"])) and float(m["nonfinite"]) == 1.0
+
+
+def test_logged_lr_is_the_one_applied_after_a_skipped_step():
+  """A skipped step leaves the optimizer (and its schedule's count) as it was: the next step applies, and
+  logs, the learning rate the skipped one would have had."""
+  fn, state, t_params = _setup(LC, steps=6)
+  _, lr = optim.make_optimizer(_opt_cfg(), 6)
+  bad = _batch(0)
+  bad["targets"][0, 0], bad["loss_mask"][0, 0] = V + 2, 1.0
+  state, m = fn(state, t_params, bad)
+  assert float(m["nonfinite"]) == 1.0 and int(state.step) == 1
+  lrs = []
+  for i in range(1, 3):
+    state, m = fn(state, t_params, _batch(i))
+    lrs.append(float(m["lr"]))
+  np.testing.assert_allclose(lrs, [float(lr(0)), float(lr(1))], rtol=1e-6)
+  assert float(lr(1)) != float(lr(2))  # the check above can tell the two counts apart
+
+
 def test_teacher_parameters_bitwise_unchanged():
   # The arrays passed to the steps are still alive (not donated) and equal to a fresh teacher's.
   _, _, after = _run(LC)
