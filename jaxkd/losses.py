@@ -468,8 +468,9 @@ def _auto_mesh_axes():
 
   Under Auto axes GSPMD partitions the loss by itself (combining log-sum-exps
   and reductions across vocab shards); the constraints below only tell it
-  which layout to keep. Explicit axes carry their shardings in the types and
-  are left alone.
+  which layout to keep. Explicit axes (of size > 1) are refused by
+  `_check_mesh_axes`; under Manual ones (inside shard_map) each shard's loss
+  is computed locally.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -479,6 +480,18 @@ def _auto_mesh_axes():
       for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
       if size > 1 and kind == jax.sharding.AxisType.Auto
   }
+
+
+def _check_mesh_axes():
+  mesh = jax.sharding.get_abstract_mesh()
+  explicit = [] if mesh.empty else [
+      name for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+      if size > 1 and kind == jax.sharding.AxisType.Explicit]
+  if explicit:
+    raise ValueError(
+        f"the fused loss runs under a mesh with Auto axes, but the active mesh's axes {explicit} are Explicit, "
+        "which jax.make_mesh makes by default; build the mesh with jaxkd.sharding.make_mesh, or "
+        "jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * n)")
 
 
 def _tensor_shards(width):
@@ -700,6 +713,7 @@ def _check_hidden_and_head(hidden, head, who):
 def _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_head, *, alpha, kind, temperature, beta,
            skew, vocab_size, teacher_top_k, chunk_size):
   """Validate, pick the static spec and call the custom-VJP core."""
+  _check_mesh_axes()
   h_s_NxDs = jnp.asarray(student_hidden)
   head_s_DsxV = jnp.asarray(student_head)
   _check_hidden_and_head(h_s_NxDs, head_s_DsxV, "student")

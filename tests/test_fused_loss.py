@@ -318,6 +318,10 @@ def test_errors():
         fused_kd_loss(h_s, w_s, h_t, w_t, vocab_size=VOCAB, kind="kl")
     with pytest.raises(ValueError, match="both teacher_hidden and teacher_head"):
         fused_distill_sums(h_s, w_s, labels, mask, h_t, None, alpha=0.5)
+    # jax.make_mesh's default axis type: the vocab-split code paths are written for Auto axes.
+    explicit = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 2)
+    with jax.set_mesh(explicit), pytest.raises(ValueError, match=r"axes \['fsdp', 'tensor'\] are Explicit"):
+        fused_kd_loss(h_s, w_s, h_t, w_t, vocab_size=VOCAB)
     with pytest.raises(ValueError, match="teacher has 36 tokens"):
         fused_distill_sums(h_s, w_s, labels, mask, h_t[1:], w_t, alpha=0.5, vocab_size=VOCAB)
     with pytest.raises(ValueError, match="hidden width 16 != head input dim 24"):
