@@ -156,6 +156,24 @@ def test_eight_devices_fsdp_and_tensor_match_one_device():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), one, eight)
 
 
+def test_sharded_step_partitions_without_replicating_activations(capfd):
+  """On a (data 2, fsdp 2, tensor 2) mesh, with micro-batches, XLA finds a layout for every op: it does not
+  fall back to replicating a whole tensor and slicing it ("involuntary full rematerialization", which it
+  reports on stderr). The embedding lookup on an fsdp-split table did, before the table was gathered."""
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  fn, state, t_params = _setup(step_lib.LossConfig(**{**LC.__dict__, "micro_batches": 2}), mesh)
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)  # a cached executable is never partitioned
+  try:
+    capfd.readouterr()
+    with jax.set_mesh(mesh):
+      fn.lower(state, t_params, _batch(0)).compile()
+    err = capfd.readouterr().err
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+  assert "Involuntary full rematerialization" not in err, err[:2000]
+
+
 def test_sft_compiles_no_teacher():
   lc = step_lib.LossConfig(alpha=0.0, vocab_size=V)
   fn, state, t_params = _setup(lc)

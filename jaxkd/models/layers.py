@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxkd.models.config import ModelConfig, RopeConfig, yarn_attention_factor
+from jaxkd.sharding import constrain
 
 
 def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
@@ -57,7 +58,11 @@ class Embed(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, ids):
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    # Gathered over "fsdp" first, as every weight is for use: looking rows up in a table whose width is split
+    # over the axis that also splits the batch leaves XLA no efficient layout for the result (it replicates
+    # the whole [B, T, D] lookup and slices it: "involuntary full rematerialization").
+    table_VxD = constrain(self.embedding[...], ("vocab", None))
+    return jnp.take(table_VxD, ids, axis=0).astype(self.dtype)
 
 
 class Norm(nnx.Module):
