@@ -156,3 +156,14 @@ def test_a_template_that_does_not_compile_is_a_config_error(tok):
 
   with pytest.raises(DataError, match="does not compile.*data.chat_template"):
     Side(tok, "{% for m in messages %}{{ m['content'] }")
+
+
+@pytest.mark.parametrize("reply", ["a", "assistant", "start", "im"])
+def test_trimmed_short_reply_is_not_found_inside_the_markup(tok, reply):
+  # The template trims, so contents are located after their own markup: a reply that also occurs in the
+  # markup before it ("<|im_start|>assistant") must still be the text that is trained.
+  template = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n\\n' + "
+              "message['content'] | trim + '<|im_end|>' }}{%- endfor %}")
+  messages = [{"role": "user", "content": "Pick one.\n"}, {"role": "assistant", "content": reply}]
+  _, ids, mask = encode_one(tok, messages, template=template)
+  assert trained_runs(tok, ids, mask) == [reply + "<|im_end|>"]

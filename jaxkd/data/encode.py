@@ -44,7 +44,9 @@ _SENTINEL = re.compile("\ue000(\\d+)\ue001")
 class Rendered:
   text: str
   trained: list[tuple[int, int]]  # character spans the loss covers, sorted
-  anchors: list[tuple[int, int]]  # message-content spans (the whole text for plain text), shared by both sides
+  # Message contents without their surrounding whitespace (the whole text for plain text), which both sides'
+  # templates keep alike (one may trim a message, the other not): token ends are compared relative to these.
+  anchors: list[tuple[int, int]]
   plain: bool  # plain text: wrapped in the tokenizer's own special tokens and followed by eos
 
 
@@ -162,19 +164,26 @@ class Side:
       out.append(pieces[-1])
       if "".join(out) == text:
         return spans
-    # The template changes or inspects content (trims it, splits reasoning, ...): find each message in turn.
+    # The template changes content (trims it, ...): each message's content must follow its own markup.
+    # Searching the content alone could match inside the markup before it (a reply "a" or "assistant"
+    # inside "<|im_start|>assistant"), which would train the markup and not the reply.
+    valid = len(pieces) == 2 * n + 1 and [int(p) for p in pieces[1::2]] == list(range(n))
     spans, cursor = [], 0
     for i, message in enumerate(conv.messages):
       content = message["content"]
-      for candidate in (content, content.strip()):
-        start = text.find(candidate, cursor)
-        if start >= 0:
-          break
-      else:
+      candidates = dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip()))
+      if valid:  # the markup is known: the content starts right after it
+        at = text.find(pieces[2 * i], cursor)
+        start = at + len(pieces[2 * i])
+        found = next((c for c in candidates if at >= 0 and text.startswith(c, start)), None)
+      else:  # the template rejected placeholder contents: search for the content itself
+        start, found = next(((text.find(c, cursor), c) for c in candidates if text.find(c, cursor) >= 0),
+                            (-1, None))
+      if found is None:
         raise BadRow("content_not_in_template",
                      f"{self.name} template changes the text of message {i} ({message['role']})")
-      spans.append((start, start + len(candidate)))
-      cursor = start + len(candidate)
+      spans.append((start, start + len(found)))
+      cursor = start + len(found)
     return spans
 
   def render(self, ex: Conversation | Text, train_on: str) -> Rendered:
@@ -200,7 +209,7 @@ class Side:
           gap = len(text[end:]) - len(text[end:].lstrip(" "))  # Llama 2 puts a space before </s>
           eot = next((t for t in self.end_of_turn if text.startswith(t, end + gap)), None)
           trained.append((start, end + gap + len(eot) if eot else end))
-    return Rendered(text, trained, spans, plain=False)
+    return Rendered(text, trained, [_stripped(text, span) for span in spans], plain=False)
 
   # -- tokenizing -----------------------------------------------------------------------------------------
 
@@ -222,6 +231,12 @@ class Side:
         mask = np.concatenate([np.zeros(pre, bool), mask, np.full(suf, ends_trained)])
       out.append((ids, offsets, mask))
     return out
+
+
+def _stripped(text: str, span: tuple[int, int]) -> tuple[int, int]:
+  start, end = span
+  lead = len(text[start:end]) - len(text[start:end].lstrip())
+  return start + lead, start + lead + len(text[start:end].strip())
 
 
 def _overlaps(offsets_Lx2: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
