@@ -160,3 +160,52 @@ def test_teacher_overflow_is_truncated_or_dropped_and_counted(chats, student, te
   assert truncated.stats["truncated"] >= over and truncated.stats["examples"] == len(lengths)
   for b in truncated:  # pairs cut off by the truncation are gone; the rest still index the rows
     assert (b["align_teacher"][b["align_mask"] > 0] < limit).all()
+
+
+def test_alignment_when_only_the_teacher_template_trims(student, teacher):
+  """A message with surrounding whitespace: the student's ChatML keeps it, the teacher's template trims it.
+  Token ends are compared relative to the trimmed content on both sides, so every pair joins tokens that end
+  at the same character of the reply, and every common end within the reply is a pair."""
+  from jaxkd.data import CHATML_TEMPLATE  # pylint: disable=import-outside-toplevel
+  from jaxkd.data.encode import Encoder, Side  # pylint: disable=import-outside-toplevel
+  from jaxkd.data.formats import to_example  # pylint: disable=import-outside-toplevel
+
+  trim = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] | trim + '<|im_end|>\\n' }}{%- endfor %}")
+  s_side, t_side = Side(student, CHATML_TEMPLATE), Side(teacher, trim, name="teacher")
+  reply = "The apple is red, the pear is green."
+  row = {"messages": [{"role": "user", "content": "Name a fruit."},
+                      {"role": "assistant", "content": "  " + reply + "\n"}]}
+  pairs = Encoder(s_side, t_side).encode([row], "messages", [0]).align.tolist()
+  ex = to_example(row, "messages")
+  ends = {}
+  for side, who in ((s_side, "s"), (t_side, "t")):
+    text = side.render(ex, "assistant").text
+    start = text.index(reply)
+    offsets = side.backend.encode(text, add_special_tokens=False).offsets
+    ends[who] = [e - start for _, e in offsets]  # token ends relative to the trimmed reply
+  in_reply = [(i, j) for i, j in pairs if 0 < ends["s"][i] <= len(reply)]
+  assert all(ends["s"][i] == ends["t"][j] for i, j in in_reply), [(ends["s"][i], ends["t"][j]) for i, j in in_reply]
+  common = {e for e in ends["s"] if 0 < e <= len(reply)} & {e for e in ends["t"] if 0 < e <= len(reply)}
+  assert sorted(ends["s"][i] for i, _ in in_reply) == sorted(common) and len(common) > 3
+
+
+def test_dropped_alignment_pairs_are_counted_for_the_rows_handed_out(chats, student, teacher, tmp_path):
+  """max_align caps the pairs per row; stats["align_pairs_dropped"] counts those cut, for the batches given
+  out so far: not for the rows the loader measured at start, packed ahead, or packed again on resume."""
+  full = loader(chats, student, teacher, tmp_path / "full")
+  capped = loader(chats, student, teacher, tmp_path / "capped", max_align=24)
+  assert capped.stats["align_pairs_dropped"] == 0  # nothing handed out yet
+  kept_full = kept_capped = 0
+  for _ in range(3):
+    a, b = next(full), next(capped)
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])  # the cap does not change the packing
+    kept_full, kept_capped = kept_full + int(a["align_mask"].sum()), kept_capped + int(b["align_mask"].sum())
+    assert "align_pairs_dropped" not in b
+  assert full.stats["align_pairs_dropped"] == 0
+  assert capped.stats["align_pairs_dropped"] == kept_full - kept_capped > 0
+  state = capped.get_state()
+  resumed = loader(chats, student, teacher, tmp_path / "resumed", max_align=24)
+  resumed.set_state(state)
+  a, b = next(full), next(resumed)
+  assert resumed.stats["align_pairs_dropped"] == int(a["align_mask"].sum() - b["align_mask"].sum())

@@ -208,13 +208,12 @@ class Loader:
       else:
         parts.append(self._map_source(spec, named_eval))
       weights.append(spec.weight)
-    self._dropped_pairs = [0]
     self._dataset = self._pipeline(parts, weights)
     self._iterator = iter(self._dataset)
     _LIVE.add(self)
     self._batches = 0  # batches returned so far
     self._exhausted = False
-    self._running = {"rows": 0, "tokens": 0, "trained": 0}
+    self._running = {"rows": 0, "tokens": 0, "trained": 0, "align_pairs_dropped": 0}
     self._fingerprint_parts = {
         "split": split, "seed": self.seed, "rows": self.rows, "process": [self.process_index, self.process_count],
         "lengths": dataclasses.asdict(self.lengths), "shuffle": bool(cfg.shuffle), "epochs": cfg.epochs,
@@ -408,7 +407,7 @@ class Loader:
       for p in parts:
         its.append(next(i_map).repeat(None).to_iter_dataset(read) if isinstance(p, Examples) else p)
       ds = its[0] if len(its) == 1 else grain.IterDataset.mix(its, weights)
-    ds = PackIterDataset(ds, expand, self.lengths, self._bins, self._dropped_pairs)
+    ds = PackIterDataset(ds, expand, self.lengths, self._bins)
     rows, lengths = self.rows, self.lengths
     ds = ds.batch(rows, drop_remainder=False, batch_fn=lambda r: _stack_rows(r, rows, lengths))
     if int(cfg.prefetch) > 0:
@@ -459,6 +458,8 @@ class Loader:
         raise StopIteration
       batch = empty_rows(self.rows, self.lengths)
     self._batches += 1
+    # Counted for the rows handed out (not for rows packed ahead, re-packed on resume, or measured).
+    self._running["align_pairs_dropped"] += int(batch.pop("align_pairs_dropped", np.zeros(0)).sum())
     seg = batch["segment_ids"]
     self._running["rows"] += int(seg.shape[0])
     self._running["tokens"] += int((seg > 0).sum())
@@ -522,7 +523,7 @@ class Loader:
         "packing_efficiency_running": (run["tokens"] / (run["rows"] * self.lengths.seq_len)
                                        if run["rows"] else None),
         "batches": self._batches,
-        "align_pairs_dropped": self._dropped_pairs[0],
+        "align_pairs_dropped": run["align_pairs_dropped"],
         "align_coverage": self.align_coverage,
         "cache": {r.label: r.cache for r in self.reports},
         "teacher_tokenizer_differs": self.teacher_differs,

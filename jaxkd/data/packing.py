@@ -61,8 +61,12 @@ class Examples:
     return out
 
 
-def build_rows(groups: list[list[dict]], lengths: Lengths, dropped_pairs: list | None = None) -> dict:
-  """Rows of documents to the trainer's arrays, [len(groups), seq_len] (see jaxkd.data.loader)."""
+def build_rows(groups: list[list[dict]], lengths: Lengths) -> dict:
+  """Rows of documents to the trainer's arrays, [len(groups), seq_len] (see jaxkd.data.loader).
+
+  With a teacher tokenizer, "align_pairs_dropped" [rows] counts the alignment pairs each row had no room
+  for: a statistic the loader adds up for the rows it hands out, and removes from the batch.
+  """
   n_rows, t = len(groups), lengths.seq_len
   ids = np.zeros((n_rows, t), np.int32)
   trained = np.zeros((n_rows, t), np.float32)
@@ -74,6 +78,7 @@ def build_rows(groups: list[list[dict]], lengths: Lengths, dropped_pairs: list |
     t_ids, t_seg, t_pos = (np.zeros((n_rows, tt), np.int32) for _ in range(3))
     al_s, al_t = np.zeros((n_rows, a), np.int32), np.zeros((n_rows, a), np.int32)
     al_m = np.zeros((n_rows, a), np.float32)
+    dropped = np.zeros(n_rows, np.int32)
   for r, docs in enumerate(groups):
     c = tc = na = 0
     for j, d in enumerate(docs):
@@ -89,8 +94,7 @@ def build_rows(groups: list[list[dict]], lengths: Lengths, dropped_pairs: list |
         t_pos[r, tc:tc + m] = np.arange(m)
         p = d["align"]
         k = min(len(p), a - na)
-        if dropped_pairs is not None and k < len(p):
-          dropped_pairs[0] += len(p) - k
+        dropped[r] += len(p) - k
         al_s[r, na:na + k] = p[:k, 0] + c
         al_t[r, na:na + k] = p[:k, 1] + tc
         al_m[r, na:na + k] = 1.0
@@ -107,7 +111,7 @@ def build_rows(groups: list[list[dict]], lengths: Lengths, dropped_pairs: list |
   out = {"input_ids": ids, "targets": targets, "loss_mask": loss_mask, "segment_ids": seg, "positions": pos}
   if teacher:
     out.update(teacher_input_ids=t_ids, teacher_segment_ids=t_seg, teacher_positions=t_pos,
-               align_student=al_s, align_teacher=al_t, align_mask=al_m)
+               align_student=al_s, align_teacher=al_t, align_mask=al_m, align_pairs_dropped=dropped)
   return out
 
 
@@ -123,10 +127,9 @@ class PackIterDataset(grain.IterDataset):
   streamed example).
   """
 
-  def __init__(self, parent: grain.IterDataset, expand: Callable[[Any], list], lengths: Lengths, bins: int,
-               dropped_pairs: list | None = None):
+  def __init__(self, parent: grain.IterDataset, expand: Callable[[Any], list], lengths: Lengths, bins: int):
     super().__init__(parent)
-    self.expand, self.lengths, self.bins, self.dropped_pairs = expand, lengths, bins, dropped_pairs
+    self.expand, self.lengths, self.bins = expand, lengths, bins
 
   def __iter__(self):
     return _PackIterator(self._parent.__iter__(), self)
@@ -186,7 +189,7 @@ class _PackIterator(grain.DatasetIterator):
       if lengths.teacher_seq_len is not None:
         t_free[r] -= len(ex["teacher"])
     groups = [g for g in groups if g]
-    self._rows = build_rows(groups, lengths, self.spec.dropped_pairs) if groups else None
+    self._rows = build_rows(groups, lengths) if groups else None
     self._count = len(groups)
 
   def __next__(self) -> dict:
