@@ -3,6 +3,7 @@
 Expected conversions are written out by hand from the format definitions, not produced by the code.
 """
 
+import numpy as np
 import pytest
 
 from jaxkd.data.formats import BadRow, Conversation, DataError, Text, detect_format, to_example
@@ -88,6 +89,8 @@ def test_role_aliases_extendable():
     ({"id": 1}, "sharegpt", "missing_field"),
     ({"conversations": None}, "sharegpt", "missing_field"),
     ({"conversations": []}, "sharegpt", "empty_conversation"),
+    ({"conversations": {"from": np.array([], object), "value": np.array([], object)}}, "sharegpt",
+     "empty_conversation"),  # an empty TFDS sequence
     ({"conversations": [{"from": "human"}]}, "sharegpt", "missing_field"),
     ({"conversations": [{"from": "alien", "value": "x"}]}, "sharegpt", "unknown_role"),
     ({"conversations": [{"from": "human", "value": 3}]}, "sharegpt", "non_string_content"),

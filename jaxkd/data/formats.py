@@ -92,6 +92,8 @@ def _plain(value: Any) -> Any:
   if isinstance(value, Mapping):
     out = {k: _plain(v) for k, v in value.items()}
     lists = [v for v in out.values() if type(v) is list]
+    if out and len(lists) == len(out) and not any(lists):
+      return []  # an empty TFDS sequence ({key: [], ...}): no elements, so nothing to tell it from a mapping
     if out and len(lists) == len(out) and len({len(v) for v in lists}) == 1 and any(
         not isinstance(x, (dict, list)) for v in lists for x in v):
       # A TFDS Sequence({...}) of scalars decodes as {key: [values]}: rebuild the list of dicts.
