@@ -223,3 +223,25 @@ def test_streaming_mixed_with_map_style(tok, tmp_path):
   held = [tok.decode(b["input_ids"][r][b["segment_ids"][r] == s])
           for b in make("eval") for r in range(2) for s in range(1, b["segment_ids"][r].max() + 1)]
   assert len(held) == len(set(held)) and any("stream" in t for t in held) and any("local" in t for t in held)
+
+
+def test_streaming_eval_fraction_does_not_depend_on_the_process_count(tok, tmp_path):
+  """A streaming source's held-out rows are chosen by content, not by the row's number in one process's
+  stream: read by one or two processes, eval holds the same rows, and no process trains on them."""
+  path = tmp_path / "s.jsonl"
+  path.write_text("".join(json.dumps({"conversations": r["conversations"]}) + "\n" for r in rows()))
+  cfg = config(path=str(path), streaming=True)
+  cfg.eval_fraction = 0.3
+
+  def docs(split, processes):
+    out = collections.Counter()
+    for p in range(processes):
+      out += documents(cfg, tok, tmp_path / f"{split}{processes}{p}", split=split, process_index=p,
+                       process_count=processes)[0]
+    return out
+
+  eval_one, eval_two = docs("eval", 1), docs("eval", 2)
+  train_one, train_two = docs("train", 1), docs("train", 2)
+  assert eval_one == eval_two and 0 < sum(eval_one.values()) < N
+  assert train_one == train_two and not set(train_one) & set(eval_one)
+  assert train_one + eval_one == expected_chats(tok)

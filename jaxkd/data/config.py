@@ -48,7 +48,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.teacher_seq_len = None
   # Alignment pairs kept per row (None: seq_len, which always holds all of them).
   c.max_align = None
-  # Held-out eval rows: a fraction of each source's rows, chosen by a hash of (eval_seed, row number) ...
+  # Held-out eval rows: a fraction of each source's rows, chosen by a hash of (eval_seed, row number; a
+  # streaming row's content), the same whatever the number of processes ...
   c.eval_fraction = 0.0
   # ... or a named split of every source (e.g. "test"); a source's own eval_split wins.
   c.eval_split = None

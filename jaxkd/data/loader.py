@@ -42,8 +42,8 @@ from jaxkd.data import encode as encode_lib
 from jaxkd.data.encode import Encoded, Encoder, Side, resolve_template
 from jaxkd.data.formats import BAD_REASONS, DataError
 from jaxkd.data.packing import Examples, Lengths, PackIterDataset, empty_rows
-from jaxkd.data.sources import (RowReader, SourceSpec, StreamingRows, eval_rows, open_reader, parse_sources,
-                                process_share, source_format)
+from jaxkd.data.sources import (RowReader, SourceSpec, StreamingRows, content_key, eval_rows, open_reader,
+                                parse_sources, process_share, source_format)
 from jaxkd.data.tokenizer import load_tokenizer, same_tokenizer, tokenizer_fingerprint
 
 STATE_VERSION = 1
@@ -324,8 +324,10 @@ class Loader:
 
     def encode_row(index: int, row: dict):
       # Counts here are of rows seen so far by this loader (a resume starts them again).
-      if not named_eval and cfg.eval_fraction and bool(eval_rows(np.array([index]), cfg.eval_fraction,
-                                                                  cfg.eval_seed)[0]) != want_eval:
+      # Held out by content: the row's number here is within this process's stream, so it would change
+      # with the process count (map-style sources hash the global row number instead).
+      if not named_eval and cfg.eval_fraction and bool(eval_rows(np.array([content_key(row)], np.uint64),
+                                                                  cfg.eval_fraction, cfg.eval_seed)[0]) != want_eval:
         return None
       report.rows += 1
       enc = encoder.encode([row], fmt, [index], probe.label)

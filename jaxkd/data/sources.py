@@ -289,7 +289,10 @@ def process_share(num_rows: int, process_index: int, process_count: int) -> tupl
 
 
 def eval_rows(row_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-  """Boolean: whether each row is held out, by a hash of (seed, row number): stable under any sharding."""
+  """Boolean: whether each row is held out, by a hash of (seed, row id): stable under any sharding.
+
+  A row id is the global row number of a map-style source, or `content_key` of a streaming row (whose
+  number within one process's stream depends on the process count)."""
   if fraction <= 0:
     return np.zeros(len(row_ids), bool)
   x = (np.asarray(row_ids, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) & np.uint64(2**64 - 1)
@@ -299,6 +302,13 @@ def eval_rows(row_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     x = x ^ (x >> np.uint64(31))
   return (x >> np.uint64(11)).astype(np.float64) / float(2**53) < fraction
+
+
+def content_key(row: Mapping) -> int:
+  """A 64-bit id of a row from its content: the same in every process, whatever the process count (and the
+  same for duplicate rows, which are then held out or trained on together)."""
+  blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()
+  return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little")
 
 
 # ---------------------------------------------------------------------------------------------------------
