@@ -11,8 +11,9 @@ import os
 
 import ml_collections
 
-from jaxkd import distributed, hidden, losses
+from jaxkd import distributed, hidden, losses, optim
 from jaxkd.models import attention as attention_lib
+from jaxkd.models import hf_io
 from jaxkd.models import transformer as transformer_lib
 
 NONFINITE = ("skip", "stop")
@@ -225,6 +226,25 @@ def validate(c) -> None:
     raise ConfigError(str(e)) from None
   need(c.steps >= 1, "steps", "must be >= 1")
   need(c.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+  need(c.log_every >= 1, "log_every", "must be >= 1 (metrics are written every this many steps)")
+  need(c.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate only at the end)")
+  dtypes = (*sorted(hf_io.DTYPES), "auto")
+  for key in ("student.param_dtype", "student.compute_dtype", "teacher.dtype", "export.dtype"):
+    need(_get(c, key) in dtypes or (key == "export.dtype" and _get(c, key) is None), key,
+         f"use one of {', '.join(dtypes)}" + (" or None (the trained parameters' dtype)"
+                                                if key == "export.dtype" else ""))
+  for axis in ("data", "fsdp", "tensor"):
+    need(c.mesh[axis] >= 1 or c.mesh[axis] == -1, f"mesh.{axis}",
+         "must be >= 1, or -1 for all the devices the other axes leave")
+  need(c.data.batch_size >= 1, "data.batch_size", "must be >= 1 (rows per step, over all processes)")
+  need(c.data.eval_batches is None or c.data.eval_batches >= 1, "data.eval_batches",
+       "must be >= 1, or None for the whole held-out split")
+  need(c.optimizer.schedule in optim.SCHEDULES, "optimizer.schedule", f"use one of {', '.join(optim.SCHEDULES)}")
+  need(c.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+  need(0.0 <= c.optimizer.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio",
+       "must be in [0, 1] (the final learning rate over optimizer.lr)")
+  for key in ("optimizer.b1", "optimizer.b2"):
+    need(0.0 <= _get(c, key) < 1.0, key, "must be in [0, 1) (Adam's moment decay)")
   need(c.distill.chunk_size >= 1, "distill.chunk_size", "must be >= 1")
   need(c.optimizer.micro_batches >= 1, "optimizer.micro_batches", "must be >= 1")
   need(c.data.batch_size % c.optimizer.micro_batches == 0, "data.batch_size",
