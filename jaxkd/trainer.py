@@ -147,6 +147,10 @@ class Run:
     self._claim_workdir()
     # With checkpoints present the run resumes (or fails loudly): it never starts afresh over them.
     self.resume_step = self.ckpt.latest_step()
+    if self.resume_step is not None and self.resume_step > c.steps:
+      raise config_base.ConfigError(
+          f"config.steps={c.steps}, but {self.workdir} holds a checkpoint of step {self.resume_step}, past it: set "
+          f"steps >= {self.resume_step} to resume (or finish) that run, or use another workdir")
     self.skipped = 0  # steps whose update was skipped for NaN/Inf (restored from the checkpoint)
 
     # Models and tokenizers.
@@ -227,6 +231,8 @@ class Run:
   def _stored_config(self) -> tuple[dict, str] | None:
     """(config dict, where it was read) of the run already in the workdir, or None for a new workdir."""
     path = os.path.join(self.workdir, "config.json")
+    if not self.ckpt.all_steps():
+      return None  # a run that ended before its first checkpoint: nothing to resume, so nothing to protect
     if os.path.exists(path):
       with open(path) as f:
         return json.load(f), path
@@ -475,9 +481,11 @@ class Run:
     what = (f"step {step}: the loss or gradients hold NaN or Inf (loss={values['loss']}, "
             f"grad_norm={values['grad_norm']})")
     if self.config.nonfinite == "stop":
+      last = self.ckpt.latest_step()
+      last = f"step {last}" if last is not None else "none yet (a rerun starts afresh, with any settings)"
       raise NonFiniteError(
           f"{what}; the update was not applied and the run stops (config.nonfinite=\"stop\"). The last checkpoint "
-          f"is step {self.ckpt.latest_step()}. Look for bad rows or lower optimizer.lr; nonfinite=\"skip\" skips "
+          f"is {last}. Look for bad rows or lower optimizer.lr; nonfinite=\"skip\" skips "
           "such steps instead")
     log.warning("%s; update skipped (%d skipped so far, config.nonfinite=\"skip\")", what, self.skipped)
 

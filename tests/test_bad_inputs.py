@@ -241,6 +241,28 @@ def test_a_workdir_of_another_config_is_refused_unless_overwrite(tmp_path, caplo
   assert f"was moved to {tmp_path / aside}" in caplog.text
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_does_not_hold_the_workdir(tmp_path):
+  """A run that failed at step 1 (NaN under nonfinite="stop", an out-of-memory) leaves config.json and no
+  checkpoint: the rerun its error message advises, with other settings, starts afresh instead of being refused."""
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "checkpoints")
+  ckpt_lib.write_json(str(workdir / "config.json"),
+                      trainer.config_dict(load_config(workdir=str(workdir), **SHORT, **{"optimizer.lr": 3e-3})))
+  run = trainer.Run(load_config(workdir=str(workdir), **SHORT, **{"optimizer.lr": 1e-3}))
+  assert run.resume_step is None
+
+
+def test_steps_below_the_newest_checkpoint_are_refused(tmp_path):
+  """A constant-schedule run may be extended, but not cut below a checkpoint it already holds: that would
+  report and export the later step as if it were the earlier one."""
+  workdir = str(tmp_path / "run")
+  constant = {**SHORT, "optimizer.schedule": "constant"}
+  trainer.run(load_config(workdir=workdir, **constant))
+  with pytest.raises(config_base.ConfigError, match=r"config\.steps=1, but .* holds a checkpoint of step 2, past "
+                                                    r"it: set steps >= 2"):
+    trainer.Run(load_config(workdir=workdir, **dict(constant, steps=1)))
+
+
 def test_constant_schedule_runs_may_be_extended():
   stored = trainer.config_dict(load_config(**{"optimizer.schedule": "constant", "steps": 2}))
   longer = trainer.config_dict(load_config(**{"optimizer.schedule": "constant", "steps": 4}))
