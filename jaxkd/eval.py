@@ -38,6 +38,10 @@ def evaluate(model_path, data_paths, *, teacher_path=None, fmt="auto", split="tr
   if teacher is not None and not data.same_tokenizer(tokenizer, data.load_tokenizer(teacher_path)):
     raise ValueError(f"{teacher_path} has another tokenizer than {model_path}: token-level agreement and KL "
                      "need a shared tokenizer; evaluate without --teacher")
+  for name, model in (("model", student), ("teacher", teacher)):
+    if model is not None and seq_len > model.cfg.max_position_embeddings:
+      raise ValueError(f"--seq_len {seq_len} is longer than the {name}'s max_position_embeddings="
+                       f"{model.cfg.max_position_embeddings}: past it the positions are untrained; lower --seq_len")
   cfg = data.default_data_config()
   cfg.sources = [dict(path=p, eval_split=split) for p in data_paths]
   cfg.format = fmt

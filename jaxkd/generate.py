@@ -20,8 +20,8 @@ def sample_logits(logits_BxV, key, *, temperature: float = 0.0, top_k: int | Non
   if temperature <= 0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits = logits_BxV.astype(jnp.float32) / temperature
-  if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+  if top_k:  # a k past the vocabulary keeps every token, as in transformers
+    kth = jax.lax.top_k(logits, min(int(top_k), logits.shape[-1]))[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p is not None and top_p < 1.0:
     sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]

@@ -49,6 +49,7 @@ def test_sampling_filters():
   assert draw(top_p=0.7) == {0, 1}  # 0.5 < 0.7 <= 0.8
   assert draw(top_p=0.5) == {0}
   assert draw() == {0, 1, 2, 3}
+  assert draw(top_k=5000) == {0, 1, 2, 3}  # past the vocabulary: every token stays, as in transformers
   assert int(generate.sample_logits(logits, keys[0], temperature=0.0)[0]) == 0
 
 
@@ -61,3 +62,7 @@ def test_eval_command_is_consistent():
   assert out["agreement"] == 1.0 and abs(out["kl_t1"]) < 1e-5
   np.testing.assert_allclose(out["teacher_ce"], out["loss"], rtol=1e-5)
   assert 0 <= out["accuracy"] <= 1
+  limit = models.config_from_hf(tiny.TINY_CONFIGS["student"]).max_position_embeddings
+  with pytest.raises(ValueError, match=rf"--seq_len {2 * limit} is longer than the model's "
+                                       rf"max_position_embeddings={limit}"):
+    eval_lib.evaluate(student, [CHAT_MESSAGES], seq_len=2 * limit, batch_size=8)
