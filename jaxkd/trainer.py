@@ -358,13 +358,18 @@ class Run:
     else:
       log.info("resuming from step %d in %s", start, self.workdir)
     metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-    if start == c.steps and distributed.is_main():  # a finished run: its final evaluation is done again below
+    # The checkpoint at `start` is saved before that step's evaluation: a run stopped between the two (a
+    # preemption notice at an eval step, a kill) would lose it, so a resume there evaluates again.
+    eval_at_start = bool(self.eval_loader and c.eval_every and 0 < start < c.steps and start % c.eval_every == 0)
+    if (start == c.steps or eval_at_start) and distributed.is_main():  # (a finished run's: done again below)
       reporting.truncate_after(metrics_path, start, evals_at_step=False)
     report = reporting.Reporter(self.workdir, total_steps=c.steps, start_step=start, log_every=c.log_every,
                                 progress=c.progress)
     watch = distributed.PreemptionWatch()
     try:
       with jax.set_mesh(self.mesh):
+        if eval_at_start:
+          report.eval(start, self.evaluate(state.params))
         state = self._loop(state, train_step, t_params, start, report, watch)
         if watch.signalled:  # after the last step nothing is left to save: finish within the grace period
           log.warning("SIGTERM after the last step: finishing the evaluation and export")

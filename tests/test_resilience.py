@@ -8,6 +8,7 @@ subprocesses with the same numerics (tests/runs.py), so "bitwise" compares the t
 
 import errno
 import glob
+import json
 import logging
 import os
 import shutil
@@ -90,6 +91,27 @@ def test_killed_and_preempted_runs_resume_bitwise(tmp_path, reference):
   runs.assert_same_rows(runs.train_rows(workdir), want_rows)
   assert runs.export_bytes(workdir) == want_export
   assert not runs.unfinished(workdir)
+
+
+def test_a_run_stopped_between_a_save_and_its_evaluation_evaluates_on_resume(tmp_path):
+  """The checkpoint of an eval step is saved before the evaluation; a run stopped in between (a preemption
+  notice there, a kill) resumes from that step and evaluates it then, so no eval point is lost."""
+  workdir = str(tmp_path / "run")
+  settings = {"steps": 4, "checkpoint_every": 2, "eval_every": 2, "progress": False, "export.enabled": False}
+  trainer.run(load_config(workdir=workdir, **settings))
+  rows = runs.metric_rows(workdir)
+  want = [r for r in rows if "eval_loss" in r]
+  assert [r["step"] for r in want] == [2, 4]
+  # What a stop right after the save of step 2 leaves: metrics up to step 2's training line, checkpoint 2.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+  cut = next(i for i, r in enumerate(rows) if "eval_loss" in r)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows[:cut])
+  trainer.run(load_config(workdir=workdir, **settings))
+  got = [r for r in runs.metric_rows(workdir) if "eval_loss" in r]
+  assert [r["step"] for r in got] == [2, 4]
+  for a, b in zip(got, want):
+    assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
 
 
 # --------------------------------------------------------------------------------------------------------
