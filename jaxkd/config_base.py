@@ -229,10 +229,10 @@ def validate(c) -> None:
   need(c.log_every >= 1, "log_every", "must be >= 1 (metrics are written every this many steps)")
   need(c.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate only at the end)")
   dtypes = (*sorted(hf_io.DTYPES), "auto")
-  for key in ("student.param_dtype", "student.compute_dtype", "teacher.dtype", "export.dtype"):
-    need(_get(c, key) in dtypes or (key == "export.dtype" and _get(c, key) is None), key,
-         f"use one of {', '.join(dtypes)}" + (" or None (the trained parameters' dtype)"
-                                                if key == "export.dtype" else ""))
+  for key in ("student.param_dtype", "student.compute_dtype", "teacher.dtype"):
+    need(_get(c, key) in dtypes, key, f"use one of {', '.join(dtypes)}")
+  need(c.export.dtype in dtypes or c.export.dtype is None, "export.dtype",
+       f"use one of {', '.join(dtypes)}, or None (the trained parameters' dtype)")
   for axis in ("data", "fsdp", "tensor"):
     need(c.mesh[axis] >= 1 or c.mesh[axis] == -1, f"mesh.{axis}",
          "must be >= 1, or -1 for all the devices the other axes leave")

@@ -472,21 +472,20 @@ def _auto_mesh_axes():
   `_check_mesh_axes`; under Manual ones (inside shard_map) each shard's loss
   is computed locally.
   """
+  return _mesh_axes(jax.sharding.AxisType.Auto)
+
+
+def _mesh_axes(axis_type):
+  """{axis name: size} of the active mesh's axes of `axis_type` with size > 1 ({} without a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return {}
-  return {
-      name: size
-      for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
-      if size > 1 and kind == jax.sharding.AxisType.Auto
-  }
+  return {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+          if size > 1 and kind == axis_type}
 
 
 def _check_mesh_axes():
-  mesh = jax.sharding.get_abstract_mesh()
-  explicit = [] if mesh.empty else [
-      name for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
-      if size > 1 and kind == jax.sharding.AxisType.Explicit]
+  explicit = list(_mesh_axes(jax.sharding.AxisType.Explicit))
   if explicit:
     raise ValueError(
         f"the fused loss runs under a mesh with Auto axes, but the active mesh's axes {explicit} are Explicit, "

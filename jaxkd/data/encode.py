@@ -152,7 +152,8 @@ class Side:
       if len(self._pieces) < 4096:
         self._pieces[key] = pieces
     n = len(conv.messages)
-    if len(pieces) == 2 * n + 1 and [int(p) for p in pieces[1::2]] == list(range(n)):
+    valid = len(pieces) == 2 * n + 1 and [int(p) for p in pieces[1::2]] == list(range(n))
+    if valid:
       spans, out, pos = [], [], 0
       for i in range(n):
         out.append(pieces[2 * i])
@@ -167,7 +168,6 @@ class Side:
     # The template changes content (trims it, ...): each message's content must follow its own markup.
     # Searching the content alone could match inside the markup before it (a reply "a" or "assistant"
     # inside "<|im_start|>assistant"), which would train the markup and not the reply.
-    valid = len(pieces) == 2 * n + 1 and [int(p) for p in pieces[1::2]] == list(range(n))
     spans, cursor = [], 0
     for i, message in enumerate(conv.messages):
       content = message["content"]
@@ -177,8 +177,7 @@ class Side:
         start = at + len(pieces[2 * i])
         found = next((c for c in candidates if at >= 0 and text.startswith(c, start)), None)
       else:  # the template rejected placeholder contents: search for the content itself
-        start, found = next(((text.find(c, cursor), c) for c in candidates if text.find(c, cursor) >= 0),
-                            (-1, None))
+        start, found = next(((s, c) for c in candidates if (s := text.find(c, cursor)) >= 0), (-1, None))
       if found is None:
         raise BadRow("content_not_in_template",
                      f"{self.name} template changes the text of message {i} ({message['role']})")

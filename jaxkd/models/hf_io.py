@@ -196,7 +196,7 @@ def _check_names_and_shapes(cfg, folder, table, flat, files: dict[str, str]):
           f"{files[name]}: weight {name} has shape {tuple(got)} but config.json implies {tuple(want)}; "
           "the weights and config.json do not belong together")
   if cfg.tie_embeddings and "lm_head.weight" in files:
-    _check_tied_head(folder, files, table["embed_tokens.embedding"])
+    _check_tied_head(folder, files, table["embed_tokens.embedding"], readers)
   return readers
 
 
@@ -206,13 +206,15 @@ def _not_in_shard(folder: str, name: str, shard: str) -> CheckpointError:
       "hold it; the index and the shards do not belong together (re-download them together)")
 
 
-def _check_tied_head(folder: str, files: dict[str, str], embed_name: str, rows_per_read: int = 8192) -> None:
+def _check_tied_head(folder: str, files: dict[str, str], embed_name: str, readers: dict,
+                     rows_per_read: int = 8192) -> None:
   """A tied config whose checkpoint also holds lm_head.weight: fine if it is a copy of the embedding table.
 
   If it differs, transformers 5 unties the two and uses it, while a tied model would drop it: every logit
   would differ from the model these weights were trained as, so refuse rather than pick one silently.
   """
-  head, embed = SafetensorsFile(files["lm_head.weight"]), SafetensorsFile(files[embed_name])
+  embed = readers[files[embed_name]]  # the checked weights' files are open already; lm_head's may not be
+  head = readers.get(files["lm_head.weight"]) or SafetensorsFile(files["lm_head.weight"])
   if "lm_head.weight" not in head:
     raise _not_in_shard(folder, "lm_head.weight", files["lm_head.weight"])
   problem = ""
