@@ -94,6 +94,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 256  # tokens per packed row
     c.data.batch_size = 8  # rows per step, over all processes
 
+  # At the end, a few held-out prompts answered greedily by the student and the teacher, printed after the
+  # held-out metrics and kept in summary.json (needs held-out data: data.eval_fraction or data.eval_split).
+  c.samples = ml_collections.ConfigDict()
+  c.samples.count = 3  # 0: none
+  c.samples.max_new_tokens = 64
+
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True
   c.export.dtype = "bfloat16"
@@ -236,6 +242,8 @@ def validate(c) -> None:
   for axis in ("data", "fsdp", "tensor"):
     need(c.mesh[axis] >= 1 or c.mesh[axis] == -1, f"mesh.{axis}",
          "must be >= 1, or -1 for all the devices the other axes leave")
+  need(c.samples.count >= 0, "samples.count", "must be >= 0 (0: no closing samples)")
+  need(c.samples.max_new_tokens >= 1, "samples.max_new_tokens", "must be >= 1")
   need(c.data.batch_size >= 1, "data.batch_size", "must be >= 1 (rows per step, over all processes)")
   need(c.data.eval_batches is None or c.data.eval_batches >= 1, "data.eval_batches",
        "must be >= 1, or None for the whole held-out split")

@@ -9,6 +9,7 @@ scored on the tokens training would train on (assistant turns by default); every
 import json
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 flags.DEFINE_string("model", None, "An HF model folder (e.g. workdir/RUN/export).", required=True)
 flags.DEFINE_multi_string("data", None, "Data file(s) or hub dataset name(s).", required=True)
@@ -65,6 +66,7 @@ def evaluate(model_path, data_paths, *, teacher_path=None, fmt="auto", split="tr
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # JAX and datasets log their start-up at INFO
   f = flags.FLAGS
   out = evaluate(f.model, f.data, teacher_path=f.teacher, fmt=f.format, split=f.split, seq_len=f.seq_len,
                  batch_size=f.batch_size, temperature=f.temperature, dtype=f.dtype)
@@ -73,7 +75,7 @@ def main(argv):
            "teacher_ce": "teacher loss"}
   for key, name in names.items():
     if key in out:
-      print(f"{name:>30}: {out[key]:.4f}")
+      print(f"{name:>30}: {out[key]:.0f}" if key == "tokens" else f"{name:>30}: {out[key]:.4f}")
   if f.output:
     with open(f.output, "w") as fh:
       json.dump(out, fh, indent=2)

@@ -79,9 +79,15 @@ def encode_prompt(tokenizer, text: str, *, chat: bool = True, system: str | None
   """Token ids of a user prompt under the tokenizer's chat template (when it has one and `chat`)."""
   if chat and getattr(tokenizer, "chat_template", None):
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    return encode_messages(tokenizer, messages)
   return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_messages(tokenizer, messages: list[dict], *, template: str | None = None) -> list[int]:
+  """Token ids of a conversation under a chat template (None: the tokenizer's own), ending where the
+  assistant's reply begins."""
+  ids = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=True)
+  return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def eos_ids_of(tokenizer) -> list[int]:
@@ -98,6 +104,7 @@ def eos_ids_of(tokenizer) -> list[int]:
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # JAX logs its backend search at INFO
   from jaxkd import data, models  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   model = models.from_pretrained(f.model, dtype=f.dtype)
@@ -112,6 +119,7 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
 
   flags.DEFINE_string("model", None, "An HF model folder (e.g. workdir/RUN/export).", required=True)
   flags.DEFINE_multi_string("prompt", None, "Prompt(s); repeat the flag for a batch.", required=True)

@@ -71,6 +71,9 @@ def main(argv):
   if ev:
     print(f"held-out: loss {ev['loss']:.4f}, token accuracy {ev['accuracy']:.3f}, perplexity {ev['perplexity']:.2f}"
           + (f", agreement with teacher {ev['agreement']:.3f}" if "agreement" in ev else ""))
+  if summary.get("samples"):
+    from jaxkd import samples  # pylint: disable=import-outside-toplevel
+    print(f"held-out prompts, answered greedily:\n{samples.format_samples(summary['samples'])}")
   if "export" in summary:
     print(f"exported student: {summary['export']}")
   return 0

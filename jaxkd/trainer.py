@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxkd import checkpoint as ckpt_lib
 from jaxkd import config_base, data, distributed, hidden, models, optim, reporting, step as step_lib, tiny
+from jaxkd import samples as samples_lib
 from jaxkd import sharding as shd
 
 log = logging.getLogger("jaxkd")
@@ -52,7 +53,7 @@ EXPECTED_ERRORS = (config_base.ConfigError, ckpt_lib.CheckpointError, NonFiniteE
 # later learning rate, so only a constant schedule can be extended.
 NOT_IDENTITY = ("workdir", "log_every", "progress", "checkpoint_every", "max_to_keep", "eval_every", "overwrite",
                 "nonfinite", "export.", "debug.", "distributed.", "mesh.", "data.cache_dir", "data.num_workers",
-                "data.encode_chunk", "data.prefetch", "data.eval_batches",
+                "data.encode_chunk", "data.prefetch", "data.eval_batches", "samples.",
                 # how the same numbers are computed: a run may resume on another chip or memory budget
                 "student.attention", "teacher.attention", "student.remat")
 
@@ -382,6 +383,8 @@ class Run:
       summary = {"step": c.steps, "eval": final_eval, "workdir": self.workdir}
       if c.export.enabled:
         summary["export"] = self.export(state.params)
+      if c.samples.count:
+        summary["samples"] = self.samples(state.params, t_def, t_params)
       if distributed.is_main():
         ckpt_lib.write_json(os.path.join(self.workdir, "summary.json"), summary)
       self.ckpt.close()
@@ -510,6 +513,29 @@ class Run:
         yield self._global_batch(loader)
       except StopIteration:
         return
+
+  def samples(self, params, teacher_def, teacher_params) -> list[dict]:
+    """Held-out prompts answered greedily by the trained student and the teacher (jaxkd.samples); [] when
+    there is no held-out data. A failure here is logged, not raised: the run has already finished."""
+    c = self.config
+    if jax.process_count() > 1:  # each answer is a loop of small steps; not worth a collective per token
+      log.info("closing samples: skipped in a run of %d processes", jax.process_count())
+      return []
+    template = data.resolve_template(c.data.chat_template, self.tokenizer)
+    speakers = {"student": samples_lib.Speaker(nnx.merge(self.student_def, params["student"]), self.tokenizer,
+                                               template)}
+    if teacher_def is not None:
+      t_tok = self.teacher_tokenizer or self.tokenizer
+      t_template = data.teacher_template(c.data, t_tok, template) if self.teacher_tokenizer else template
+      speakers["teacher"] = samples_lib.Speaker(nnx.merge(teacher_def, teacher_params), t_tok, t_template)
+    try:
+      with jax.set_mesh(self.mesh):
+        return samples_lib.answer_held_out(c.data, speakers, count=c.samples.count,
+                                           max_new_tokens=c.samples.max_new_tokens,
+                                           cache_dir=os.path.join(self.workdir, "data_cache"))
+    except Exception as e:  # noqa: BLE001
+      log.warning("closing samples failed (the run itself finished and was saved): %s: %s", type(e).__name__, e)
+      return []
 
   def export(self, params) -> str:
     student = nnx.merge(self.student_def, params["student"])  # the projector is never exported

@@ -23,8 +23,10 @@ teacher's full distribution over the plausible next tokens beats the single samp
 """
 
 import argparse
+import importlib.util
 import json
 import os
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +53,8 @@ def main():
   p.add_argument("--steps", type=int, default=150)
   p.add_argument("--modes", default=",".join(MODES), help="which of them to run (sft is always run)")
   args = p.parse_args()
+  if importlib.util.find_spec("matplotlib") is None:  # now, not after minutes of training
+    sys.exit("kd_vs_sft.py plots with matplotlib, which is not installed: pip install -e \".[scripts]\"")
   asked = set(args.modes.split(","))
   if asked - set(MODES):
     p.error(f"unknown --modes {sorted(asked - set(MODES))}; choose from {', '.join(MODES)}")

@@ -15,7 +15,10 @@ from jaxkd.reporting import read_metrics  # noqa: E402
 
 
 def plot(workdirs, out, keys):
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    sys.exit("plot_runs.py draws with matplotlib, which is not installed: pip install -e \".[scripts]\"")
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 

@@ -32,6 +32,7 @@ def test_tiny_logit_command_trains_and_exports(tmp_path):
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "exported student" in out.stdout and "held-out: loss" in out.stdout
+  assert out.stdout.count("\n  student:   ") == 3 and out.stdout.count("\n  teacher:   ") == 3  # closing samples
   steps = [m for m in _metrics(workdir) if "loss" in m]
   assert [m["step"] for m in steps] == list(range(1, 17))
   for m in steps:

@@ -15,10 +15,11 @@ import importlib
 _EXPORTS = {
     "ASSETS_DIR": "assets", "CHAT_MESSAGES": "assets", "CHAT_SHAREGPT": "assets", "TOKENIZER_DIR": "assets",
     "default_data_config": "config",
-    "CHATML_TEMPLATE": "encode",
+    "CHATML_TEMPLATE": "encode", "resolve_template": "encode", "teacher_template": "encode",
     "FORMATS": "formats", "BadRow": "formats", "Conversation": "formats", "DataError": "formats",
     "Text": "formats", "detect_format": "formats", "to_example": "formats",
     "Loader": "loader", "global_batch": "loader", "make_loader": "loader",
+    "Prompt": "prompts", "held_out_prompts": "prompts",
     "load_tokenizer": "tokenizer", "same_tokenizer": "tokenizer", "tokenizer_fingerprint": "tokenizer",
 }
 __all__ = sorted(_EXPORTS)

@@ -57,6 +57,14 @@ def resolve_template(template: str | None, tok) -> str | None:
   return NAMED_TEMPLATES.get(template, template)
 
 
+def teacher_template(cfg, teacher_tok, student_template: str | None) -> str | None:
+  """The chat template of a teacher whose tokenizer differs: data.teacher_chat_template, else the teacher
+  tokenizer's own, else the student's."""
+  if cfg.teacher_chat_template is not None:
+    return resolve_template(cfg.teacher_chat_template, teacher_tok)
+  return resolve_template(None, teacher_tok) or student_template
+
+
 def _auto_end_of_turn(tok) -> list[str]:
   """Special tokens that close a turn: eos and added special tokens whose text says "end" (<|im_end|>,
   <|eot_id|>, <end_of_turn>, <|end|>, </s>). Only one found right after an assistant message is trained."""

@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxkd.data import cache as cache_lib
 from jaxkd.data import encode as encode_lib
-from jaxkd.data.encode import Encoded, Encoder, Side, resolve_template
+from jaxkd.data.encode import Encoded, Encoder, Side, resolve_template, teacher_template
 from jaxkd.data.formats import BAD_REASONS, DataError
 from jaxkd.data.packing import Examples, Lengths, PackIterDataset, empty_rows
 from jaxkd.data.sources import (RowReader, SourceSpec, StreamingRows, content_key, eval_rows, open_reader,
@@ -172,10 +172,8 @@ class Loader:
     student = Side(tokenizer, student_template, end_of_turn=end_of_turn, add_eos=cfg.add_eos)
     teacher = None
     if self.teacher_differs:
-      teacher_template = (resolve_template(cfg.teacher_chat_template, teacher_tokenizer)
-                          if cfg.teacher_chat_template is not None else
-                          resolve_template(None, teacher_tokenizer) or student_template)
-      teacher = Side(teacher_tokenizer, teacher_template, add_eos=cfg.add_eos, name="teacher")
+      teacher = Side(teacher_tokenizer, teacher_template(cfg, teacher_tokenizer, student_template),
+                     add_eos=cfg.add_eos, name="teacher")
     self.encoder = Encoder(student, teacher, train_on=cfg.train_on,
                            chat_prompt_completion=cfg.chat_prompt_completion,
                            role_aliases=dict(cfg.role_aliases or {}), strict=cfg.strict)

@@ -12,6 +12,7 @@ dataset info), so the tokenization cache is keyed by what was read, not by where
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import glob
@@ -150,6 +151,21 @@ def _rename(rows: list[dict], columns: Mapping[str, str]) -> list[dict]:
   return rows
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+  """Local files: datasets' "Generating train split" bar takes a second and reads as noise (a hub download
+  keeps its bars, which show real progress)."""
+  import datasets
+
+  was_disabled = datasets.are_progress_bars_disabled()
+  datasets.disable_progress_bars()
+  try:
+    yield
+  finally:
+    if not was_disabled:
+      datasets.enable_progress_bars()
+
+
 def _hf_load(spec: SourceSpec, split: str, *, streaming: bool, hf_cache: str | None):
   """`datasets.load_dataset` for a local path or a hub name, with errors that say what to do."""
   import datasets
@@ -164,8 +180,9 @@ def _hf_load(spec: SourceSpec, split: str, *, streaming: bool, hf_cache: str | N
     if split not in files:
       raise DataError(f"source {spec.label} has no split {split!r}; its path names splits {sorted(files)}")
     ext = os.path.splitext(files[split][0])[1].lower()
-    return (datasets.load_dataset(_builder(ext, spec), data_files=files, **kw, **_builder_kwargs(files[split])),
-            files[split])
+    with _no_progress_bars():
+      return (datasets.load_dataset(_builder(ext, spec), data_files=files, **kw, **_builder_kwargs(files[split])),
+              files[split])
   if isinstance(path, str) and os.path.isdir(os.path.expanduser(path)):
     folder = os.path.expanduser(path)
     if any(os.path.exists(os.path.join(folder, f)) for f in ("state.json", "dataset_dict.json")):
@@ -183,7 +200,8 @@ def _hf_load(spec: SourceSpec, split: str, *, streaming: bool, hf_cache: str | N
       raise DataError(f"source {spec.label}: local files form one split ('train'), not {split!r}; name splits "
                       "with path={'train': 'a.jsonl', 'test': 'b.jsonl'}")
     ext = os.path.splitext(files[0])[1].lower()
-    return datasets.load_dataset(_builder(ext, spec), data_files=files, **kw, **_builder_kwargs(files)), files
+    with _no_progress_bars():
+      return datasets.load_dataset(_builder(ext, spec), data_files=files, **kw, **_builder_kwargs(files)), files
   if not isinstance(path, str) or path.startswith((".", "/", "~")):
     raise DataError(f"source {spec.label}: {path!r} is neither an existing local file/folder nor a hub name")
   try:

@@ -1,0 +1,65 @@
+"""Held-out prompts: the first conversations of a run's eval split, cut before their first assistant turn.
+
+A run ends by answering a few of them with the student and the teacher (`jaxkd.samples`), so a reader sees
+what distillation did in words as well as in held-out loss. The rows are the ones the eval loader holds out
+(a named eval split, or `data.eval_fraction` of a map-style source's rows by the same hash), so the models
+never trained on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxkd.data.formats import ROLE_ALIASES, BadRow, Conversation, to_example
+from jaxkd.data.sources import eval_rows, open_reader, parse_sources, source_format
+
+_READ = 256  # rows read at a time while looking for held-out ones
+
+
+@dataclasses.dataclass
+class Prompt:
+  messages: list[dict]  # the conversation up to (not including) its first assistant turn
+  reference: str  # that assistant turn's content, as the data has it
+
+
+def held_out_prompts(cfg, count: int, *, cache_dir: str | None = None) -> list[Prompt]:
+  """Up to `count` held-out prompts, in row order, from the first map-style source that holds rows out.
+
+  Streaming sources are passed over (their held-out rows are known only by reading the stream)."""
+  aliases = {**ROLE_ALIASES, **dict(cfg.role_aliases or {})}
+  specs = parse_sources(list(cfg.sources), default_format=cfg.format, default_eval_split=cfg.eval_split)
+  for spec in specs:
+    named = spec.eval_split is not None
+    if spec.streaming or not (named or cfg.eval_fraction):
+      continue
+    reader = open_reader(spec, spec.eval_split if named else spec.split, cache_dir=cache_dir)
+    fmt = source_format(spec, reader.column_names)
+    out: list[Prompt] = []
+    for lo in range(0, reader.num_rows, _READ):
+      hi = min(lo + _READ, reader.num_rows)
+      held = np.ones(hi - lo, bool) if named else eval_rows(np.arange(lo, hi), cfg.eval_fraction, cfg.eval_seed)
+      rows = reader.read(lo, hi)
+      for i in np.flatnonzero(held):
+        prompt = _prompt(rows[i], fmt, cfg, aliases)
+        if prompt is not None:
+          out.append(prompt)
+          if len(out) == count:
+            return out
+    return out
+  return []
+
+
+def _prompt(row, fmt: str, cfg, aliases) -> Prompt | None:
+  try:
+    example = to_example(row, fmt, chat_prompt_completion=cfg.chat_prompt_completion, role_aliases=aliases)
+  except BadRow:
+    return None  # the loader skips (and counts) such rows too
+  if not isinstance(example, Conversation):
+    return None  # plain text has no turn to answer
+  roles = [m["role"] for m in example.messages]
+  if "assistant" not in roles or "user" not in roles[:roles.index("assistant")]:
+    return None
+  k = roles.index("assistant")
+  return Prompt(messages=example.messages[:k], reference=example.messages[k]["content"])
