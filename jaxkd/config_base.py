@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.debug = ml_collections.ConfigDict()
   c.debug.save_delay_s = 0.0  # hold every checkpoint save open this long (to kill a process mid-save)
   c.debug.step_delay_s = 0.0  # sleep this long after each step (so a signal lands mid-run on a fast machine)
+  c.debug.start_delay_s = 0.0  # sleep this long in start-up, models loaded, before the data (a signal lands there)
   c.debug.poison_step = 0  # > 0: that step's targets are out of the vocabulary, so its loss is NaN
   c.debug.data_processes = 0  # > 0 on one process: read the data as this many processes would, rows joined
   return c
@@ -222,6 +223,7 @@ def validate(c) -> None:
   need(c.distributed.initialization_timeout_s >= 1, "distributed.initialization_timeout_s", "must be >= 1")
   need(c.debug.save_delay_s >= 0, "debug.save_delay_s", "must be >= 0 (a test hook; leave it 0)")
   need(c.debug.step_delay_s >= 0, "debug.step_delay_s", "must be >= 0 (a test hook; leave it 0)")
+  need(c.debug.start_delay_s >= 0, "debug.start_delay_s", "must be >= 0 (a test hook; leave it 0)")
   need(c.debug.data_processes >= 0, "debug.data_processes", "must be >= 0 (a test hook; leave it 0)")
   if c.debug.data_processes:
     need(c.data.batch_size % c.debug.data_processes == 0, "data.batch_size",

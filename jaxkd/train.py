@@ -24,6 +24,7 @@ Open MPI or Cloud TPU). Process 0 writes the metrics and the export; all of them
 import gc
 import logging
 import os
+import signal
 import sys
 import traceback
 
@@ -34,9 +35,35 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file in configs/.", lock_config=True)
 flags.mark_flags_as_required(["config"])
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: "try again later", which is what a preempted run should do
+
+
+class _SigtermAtStart(BaseException):  # not Exception: no `except Exception` on the way may swallow it
+  """A SIGTERM before the training loop's own handler was in place (start-up, restore, compile)."""
+
+
+def _raise_sigterm_at_start(signum, frame):
+  del signum, frame
+  raise _SigtermAtStart()
+
 
 def main(argv):
   del argv
+  # Until the loop installs its handler (which saves the step it reaches, then stops), a SIGTERM stops the
+  # start-up at once: nothing new exists to save, and a scheduler keyed on 75 reruns the command. Several
+  # processes: once they join, JAX's preemption service takes SIGTERM over (see jaxkd.distributed).
+  before = signal.signal(signal.SIGTERM, _raise_sigterm_at_start)
+  try:
+    return _main()
+  except _SigtermAtStart:
+    print("preempted (SIGTERM) while starting, before any step of this start: nothing new to save; rerun the "
+          "same command to resume", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
+  finally:
+    signal.signal(signal.SIGTERM, before)
+
+
+def _main():
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and friends log every file they touch at INFO
   config = _CONFIG.value
   handler = logging.StreamHandler()
@@ -50,7 +77,7 @@ def main(argv):
     summary = trainer.run(config)
   except trainer.Preempted as e:
     print(e, file=sys.stderr, flush=True)
-    return trainer.EXIT_PREEMPTED
+    return EXIT_PREEMPTED
   except Exception as e:  # pylint: disable=broad-except
     if not isinstance(e, trainer.EXPECTED_ERRORS):
       traceback.print_exc()

@@ -9,7 +9,7 @@ What a run survives:
   * kill -9 at any moment, mid-save included: the unfinished save is ignored (see jaxkd.checkpoint) and
     metrics.jsonl lines past the restored step are dropped and logged again.
   * SIGTERM (preemption): the run saves the next step it reaches and raises `Preempted`
-    (`python -m jaxkd.train` exits with EXIT_PREEMPTED = 75). With several processes JAX's preemption
+    (`python -m jaxkd.train` exits with status 75). With several processes JAX's preemption
     sync point picks the step, the same on every process.
   * NaN or Inf in the loss or the gradients: the step leaves the parameters and optimizer state as they
     were; `nonfinite="skip"` counts it (metric `skipped_nonfinite`) and goes on, `"stop"` ends the run
@@ -40,7 +40,6 @@ from jaxkd import sharding as shd
 
 log = logging.getLogger("jaxkd")
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: "try again later", which is what a preempted run should do
 NonFiniteError = ckpt_lib.NonFiniteError
 # Errors whose message says all there is to say (what is wrong, how to fix it): no traceback needed.
 EXPECTED_ERRORS = (config_base.ConfigError, ckpt_lib.CheckpointError, NonFiniteError, data.DataError,
@@ -181,6 +180,9 @@ class Run:
         self.teacher = self._load(self.teacher_path, c.teacher.dtype, c.teacher.dtype, "none", c.teacher.attention,
                                   abstract=False)
     self._check_lengths_and_vocab()
+    if c.debug.start_delay_s:
+      log.info("start-up held for %s s (debug.start_delay_s)", c.debug.start_delay_s)
+      time.sleep(c.debug.start_delay_s)
 
     pairs = ()
     if c.distill.hidden.weight > 0:

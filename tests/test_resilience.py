@@ -54,11 +54,19 @@ def test_killed_and_preempted_runs_resume_bitwise(tmp_path, reference):
   p = runs.Proc(cmd, next(logs))
   p.wait_for(lambda: runs.last_step(workdir) >= 1, "step 1 in metrics.jsonl")
   p.signal(signal.SIGTERM)
-  assert p.wait() == trainer.EXIT_PREEMPTED, p.tail()
+  assert p.wait() == 75, p.tail()  # EX_TEMPFAIL, jaxkd.train.EXIT_PREEMPTED
   preempted = runs.finished_steps(workdir)[-1]
   assert f"preempted: saved checkpoint step {preempted}" in p.output()
   assert runs.last_step(workdir) == preempted  # metrics are written up to the saved step, no further
   assert preempted < 6, f"SIGTERM reached the run only at step {preempted}; the chain below needs < 6"
+
+  # SIGTERM while starting again (models loaded, checkpoint not yet restored): 75 at once, nothing touched.
+  p = runs.Proc(cmd + ["--config.debug.start_delay_s=120"], next(logs))
+  p.wait_for(lambda: "start-up held" in p.output(), "start-up to reach debug.start_delay_s")
+  p.signal(signal.SIGTERM)
+  assert p.wait(timeout=60) == 75, p.tail()
+  assert "preempted (SIGTERM) while starting" in p.output()
+  assert runs.finished_steps(workdir)[-1] == preempted and runs.last_step(workdir) == preempted
 
   # 2. kill -9 while the next regular checkpoint is being written: only its temporary folder exists.
   saving = 3 * (preempted // 3 + 1)
