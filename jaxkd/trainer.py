@@ -20,7 +20,6 @@ What a run survives:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ log = logging.getLogger("jaxkd")
 NonFiniteError = ckpt_lib.NonFiniteError
 # Errors whose message says all there is to say (what is wrong, how to fix it): no traceback needed.
 EXPECTED_ERRORS = (config_base.ConfigError, ckpt_lib.CheckpointError, NonFiniteError, data.DataError,
-                   models.CheckpointError, models.UnsupportedConfigError, FileNotFoundError)
+                   models.WeightsError, models.UnsupportedConfigError, FileNotFoundError)
 
 # Settings that do not change what a run computes: its bookkeeping, where it runs and on how many devices
 # (a checkpoint restores onto any mesh), the non-finite policy and test hooks. A workdir's run may be
@@ -95,13 +94,6 @@ def config_diff(stored: dict, current: dict) -> list[tuple[str, Any, Any]]:
   a, b = run_identity(stored, with_steps=with_steps), run_identity(current, with_steps=with_steps)
   same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)
   return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not same(a.get(k), b.get(k))]
-
-
-def config_fingerprint(config) -> str:
-  """Hash of the settings that define a run (`run_identity`)."""
-  d = config_dict(config)
-  ident = run_identity(d, with_steps=d["optimizer"]["schedule"] != "constant")
-  return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _ProcessLoaders:
@@ -352,8 +344,7 @@ class Run:
                                              projector_def=self.projector_def, param_shardings=self.state_sh.params,
                                              teacher_shardings=t_sh, batch_shardings=batch_sh)
     self.t_params = t_params
-    self.meta = {"fingerprint": config_fingerprint(c), "config": config_dict(c),
-                 "data_processes": self.data_processes}
+    self.meta = {"config": config_dict(c), "data_processes": self.data_processes}
     if distributed.is_main():  # what the workdir holds, for the next start to compare with (_claim_workdir)
       ckpt_lib.write_json(os.path.join(self.workdir, "config.json"), config_dict(c))
     if start == 0:

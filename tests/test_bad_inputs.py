@@ -132,13 +132,13 @@ def _edit_config(folder):
 
 @pytest.mark.parametrize("damage,error,match", [
     (lambda f: shutil.rmtree(f), FileNotFoundError, r"model folder '.*student' does not exist"),
-    (lambda f: os.remove(os.path.join(f, "config.json")), models.CheckpointError,
+    (lambda f: os.remove(os.path.join(f, "config.json")), models.WeightsError,
      r"student has no config\.json; point to a Hugging Face model folder"),
-    (_truncate, models.CheckpointError, r"student/model\.safetensors is truncated"),
-    (_drop_weight, models.CheckpointError,
+    (_truncate, models.WeightsError, r"student/model\.safetensors is truncated"),
+    (_drop_weight, models.WeightsError,
      r"student: 1 weight\(s\) that config\.json implies are missing from the checkpoint, e\.g\. "
      r"\['model\.layers\.1\.mlp\.up_proj\.weight'\]"),
-    (_edit_config, models.CheckpointError,
+    (_edit_config, models.WeightsError,
      r"weight model\.layers\.\d\.mlp\.(up|gate|down)_proj\.weight has shape \(\d+, \d+\) but config\.json implies"),
 ], ids=["missing-folder", "no-config", "truncated", "missing-weight", "wrong-shape"])
 def test_a_broken_student_folder_gives_the_loaders_message(tmp_path, damage, error, match):

@@ -220,21 +220,21 @@ def _edit_config(folder, **changes):
 def test_missing_weight_is_named(hf_factory, tmp_path):
   folder = _copy(hf_factory("qwen2_untied"), tmp_path / "m")
   _rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-  with pytest.raises(models.CheckpointError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
+  with pytest.raises(models.WeightsError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
     models.from_pretrained(folder)
 
 
 def test_unexpected_weight_is_named(hf_factory, tmp_path):
   folder = _copy(hf_factory("qwen2_untied"), tmp_path / "m")
   _rewrite_weights(folder, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(32)}))
-  with pytest.raises(models.CheckpointError, match=r"unexpected.*o_proj\.bias"):
+  with pytest.raises(models.WeightsError, match=r"unexpected.*o_proj\.bias"):
     models.from_pretrained(folder)
 
 
 def test_wrong_shape_is_named(hf_factory, tmp_path):
   folder = _copy(hf_factory("llama_gqa_llama3"), tmp_path / "m")
   _edit_config(folder, intermediate_size=48)
-  with pytest.raises(models.CheckpointError, match=r"mlp\.(gate|up|down)_proj\.weight has shape \((64, 32|32, 64)\) but config.json implies \((48, 32|32, 48)\)"):
+  with pytest.raises(models.WeightsError, match=r"mlp\.(gate|up|down)_proj\.weight has shape \((64, 32|32, 64)\) but config.json implies \((48, 32|32, 48)\)"):
     models.from_pretrained(folder)
 
 
@@ -244,7 +244,7 @@ def test_tied_config_with_a_different_lm_head_is_refused(hf_factory, tmp_path):
   _rewrite_weights(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
   models.from_pretrained(folder)  # a copy of the embedding table is harmless
   _rewrite_weights(folder, lambda t: t["lm_head.weight"][5].add_(1.0))
-  with pytest.raises(models.CheckpointError, match=r"tie_word_embeddings=true.*lm_head\.weight, which differs "
+  with pytest.raises(models.WeightsError, match=r"tie_word_embeddings=true.*lm_head\.weight, which differs "
                                                    r"from model\.embed_tokens\.weight.*tie_word_embeddings to false"):
     models.from_pretrained(folder)
 
@@ -260,7 +260,7 @@ def test_index_naming_the_wrong_shard_is_named(hf_factory, tmp_path):
   meta["weight_map"][name] = shards[1]
   with open(index, "w") as f:
     json.dump(meta, f)
-  with pytest.raises(models.CheckpointError, match=rf"maps weight {re.escape(name)} to {shards[1]}, which does "
+  with pytest.raises(models.WeightsError, match=rf"maps weight {re.escape(name)} to {shards[1]}, which does "
                                                    "not hold it"):
     models.from_pretrained(out)
 
@@ -270,7 +270,7 @@ def test_missing_shard_is_named(hf_factory, tmp_path):
   out = models.save_pretrained(model, str(tmp_path / "s"), max_shard_size=30_000)
   second = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))[1]
   os.remove(os.path.join(out, second))
-  with pytest.raises(models.CheckpointError, match=rf"lists shard {second}, which is not in"):
+  with pytest.raises(models.WeightsError, match=rf"lists shard {second}, which is not in"):
     models.from_pretrained(out)
 
 
@@ -279,7 +279,7 @@ def test_truncated_shard_is_named(hf_factory, tmp_path):
   path = os.path.join(folder, "model.safetensors")
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) - 100)
-  with pytest.raises(models.CheckpointError, match=r"model\.safetensors is truncated"):
+  with pytest.raises(models.WeightsError, match=r"model\.safetensors is truncated"):
     models.from_pretrained(folder)
 
 
@@ -287,7 +287,7 @@ def test_pickle_only_folder_is_refused(hf_factory, tmp_path):
   folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
   os.remove(os.path.join(folder, "model.safetensors"))
   torch.save({"x": torch.zeros(1)}, os.path.join(folder, "pytorch_model.bin"))
-  with pytest.raises(models.CheckpointError, match=r"only pickle weights.*never unpickles"):
+  with pytest.raises(models.WeightsError, match=r"only pickle weights.*never unpickles"):
     models.from_pretrained(folder)
 
 

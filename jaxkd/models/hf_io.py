@@ -27,7 +27,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from jaxkd import sharding as shd
 from jaxkd.models import llama, qwen2, stablelm
 from jaxkd.models.config import ModelConfig, UnsupportedConfigError, torch_dtype_of
-from jaxkd.models.safetensors_io import CheckpointError, SafetensorsFile, write_file
+from jaxkd.models.safetensors_io import WeightsError, SafetensorsFile, write_file
 from jaxkd.models.transformer import Transformer
 
 FAMILIES = {m.MODEL_TYPE: m for m in (qwen2, llama, stablelm)}
@@ -68,7 +68,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
 def read_config(folder: str) -> dict:
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
-    raise CheckpointError(f"{folder} has no config.json; point to a Hugging Face model folder")
+    raise WeightsError(f"{folder} has no config.json; point to a Hugging Face model folder")
   with open(path) as f:
     return json.load(f)
 
@@ -118,18 +118,18 @@ def weight_files(folder: str) -> dict[str, str]:
       weight_map = json.load(f)["weight_map"]
     for shard in sorted(set(weight_map.values())):
       if not os.path.exists(os.path.join(folder, shard)):
-        raise CheckpointError(f"{index} lists shard {shard}, which is not in {folder}; download the missing file")
+        raise WeightsError(f"{index} lists shard {shard}, which is not in {folder}; download the missing file")
     return {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
   single = os.path.join(folder, "model.safetensors")
   if os.path.exists(single):
     return {name: single for name in SafetensorsFile(single).names()}
   pickles = [p for g in PICKLE_GLOBS for p in glob.glob(os.path.join(folder, g))]
   if pickles:
-    raise CheckpointError(
+    raise WeightsError(
         f"{folder} holds only pickle weights ({os.path.basename(pickles[0])}); jaxkd never unpickles files, "
         "which can run arbitrary code. Convert them to safetensors (transformers: load the model and call "
         "save_pretrained(dir, safe_serialization=True)) or use the model's safetensors release")
-  raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+  raise WeightsError(f"{folder} has no model.safetensors or model.safetensors.index.json")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,11 +178,11 @@ def _check_names_and_shapes(cfg, folder, table, flat, files: dict[str, str]):
   unexpected = sorted(n for n in set(files) - set(expected) if not IGNORED.match(n)
                       and not (cfg.tie_embeddings and n == "lm_head.weight"))
   if missing:
-    raise CheckpointError(
+    raise WeightsError(
         f"{folder}: {len(missing)} weight(s) that config.json implies are missing from the checkpoint, e.g. "
         f"{missing[:4]}; the weights and config.json do not belong together (or a shard is incomplete)")
   if unexpected:
-    raise CheckpointError(
+    raise WeightsError(
         f"{folder}: {len(unexpected)} unexpected weight(s) in the checkpoint, e.g. {unexpected[:4]}; they "
         "would be silently dropped, which means config.json does not describe these weights (check "
         "attention_bias, use_qkv_bias, qk_layernorm, tie_word_embeddings, num_hidden_layers)")
@@ -192,7 +192,7 @@ def _check_names_and_shapes(cfg, folder, table, flat, files: dict[str, str]):
       raise _not_in_shard(folder, name, files[name])
     got = readers[files[name]].shape(name)
     if tuple(got) != tuple(want):
-      raise CheckpointError(
+      raise WeightsError(
           f"{files[name]}: weight {name} has shape {tuple(got)} but config.json implies {tuple(want)}; "
           "the weights and config.json do not belong together")
   if cfg.tie_embeddings and "lm_head.weight" in files:
@@ -200,8 +200,8 @@ def _check_names_and_shapes(cfg, folder, table, flat, files: dict[str, str]):
   return readers
 
 
-def _not_in_shard(folder: str, name: str, shard: str) -> CheckpointError:
-  return CheckpointError(
+def _not_in_shard(folder: str, name: str, shard: str) -> WeightsError:
+  return WeightsError(
       f"{folder}: model.safetensors.index.json maps weight {name} to {os.path.basename(shard)}, which does not "
       "hold it; the index and the shards do not belong together (re-download them together)")
 
@@ -229,7 +229,7 @@ def _check_tied_head(folder: str, files: dict[str, str], embed_name: str, reader
         problem = f"differs from {embed_name} (first in rows {start}-{start + len(a) - 1})"
         break
   if problem:
-    raise CheckpointError(
+    raise WeightsError(
         f"{folder}: config.json sets tie_word_embeddings=true, but the checkpoint also holds lm_head.weight, "
         f"which {problem}. Tied, the embedding table would be the output head and lm_head.weight "
         "would be dropped (transformers 5 unties them and uses lm_head.weight instead). Set "

@@ -23,8 +23,9 @@ DTYPES = {
 CODES = {v: k for k, v in DTYPES.items()}
 
 
-class CheckpointError(ValueError):
-  """A checkpoint file or folder is missing, damaged, or does not match its config."""
+class WeightsError(ValueError):
+  """A model folder's weights or config.json are missing, damaged, or do not belong together (the training
+  run's own checkpoints have jaxkd.checkpoint.CheckpointError)."""
 
 
 class SafetensorsFile:
@@ -36,28 +37,28 @@ class SafetensorsFile:
     with open(path, "rb") as f:
       head = f.read(8)
       if len(head) < 8:
-        raise CheckpointError(f"{path} is truncated ({size} bytes): not a safetensors file; re-download it")
+        raise WeightsError(f"{path} is truncated ({size} bytes): not a safetensors file; re-download it")
       (n,) = struct.unpack("<Q", head)
       if 8 + n > size:
-        raise CheckpointError(f"{path} is truncated: its header needs {8 + n} bytes but the file has {size}; "
+        raise WeightsError(f"{path} is truncated: its header needs {8 + n} bytes but the file has {size}; "
                               "re-download or re-export it")
       try:
         header = json.loads(f.read(n))
       except ValueError as e:
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); re-download it") from e
+        raise WeightsError(f"{path}: the safetensors header is not valid JSON ({e}); re-download it") from e
     self.metadata = header.pop("__metadata__", None) or {}
     self._entries = {}
     for name, info in header.items():
       if info["dtype"] not in DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which jaxkd cannot read")
+        raise WeightsError(f"{path}: tensor {name} has dtype {info['dtype']}, which jaxkd cannot read")
       begin, end = info["data_offsets"]
       dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
       if 8 + n + end > size:
-        raise CheckpointError(
+        raise WeightsError(
             f"{path} is truncated: tensor {name} ends at byte {8 + n + end} but the file has {size} bytes; "
             "re-download or re-export it")
       if end - begin != int(np.prod(shape)) * dtype.itemsize:
-        raise CheckpointError(f"{path}: tensor {name} has {end - begin} bytes, not what shape {shape} needs")
+        raise WeightsError(f"{path}: tensor {name} has {end - begin} bytes, not what shape {shape} needs")
       self._entries[name] = (dtype, shape, 8 + n + begin)
 
   def names(self):
@@ -86,7 +87,7 @@ class SafetensorsFile:
     with open(self.path, "rb") as f:
       f.seek(offset + start * row_bytes)
       if f.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
-        raise CheckpointError(f"{self.path}: short read of tensor {name}; the file is truncated, re-download it")
+        raise WeightsError(f"{self.path}: short read of tensor {name}; the file is truncated, re-download it")
     return out
 
 
