@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxkd import checkpoint as ckpt_lib
@@ -64,23 +64,13 @@ class Preempted(Exception):
     self.step = step
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def config_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
 def run_identity(cfg: dict, *, with_steps: bool) -> dict:
   """The settings of a config dict that define its run (see NOT_IDENTITY), flattened to dotted keys."""
-  flat = {k: v for k, v in _flat(cfg).items() if not any(k == n or (n.endswith(".") and k.startswith(n))
+  flat = {k: v for k, v in traverse_util.flatten_dict(cfg, sep=".").items() if not any(k == n or (n.endswith(".") and k.startswith(n))
                                                          for n in NOT_IDENTITY)}
   if not with_steps:
     flat.pop("steps", None)
