@@ -12,14 +12,13 @@ def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `lr`, then cosine or linear decay to `lr * min_lr_ratio` at `total_steps`."""
   lr, warmup = float(opt_cfg.lr), int(opt_cfg.warmup_steps)
   end = lr * float(opt_cfg.min_lr_ratio)
+  decay_steps = max(1, total_steps - warmup)  # a run shorter than its warmup still ends on the decay
   if opt_cfg.schedule not in SCHEDULES:
     raise ValueError(f"optimizer.schedule={opt_cfg.schedule!r}: expected one of {SCHEDULES}")
-  if opt_cfg.schedule == "constant":
-    decay = optax.constant_schedule(lr)
-  elif opt_cfg.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup), alpha=end / lr if lr else 0.0)
-  else:
-    decay = optax.linear_schedule(lr, end, max(1, total_steps - warmup))
+  if opt_cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, warmup + decay_steps, end_value=end)
+  decay = (optax.constant_schedule(lr) if opt_cfg.schedule == "constant" else
+           optax.linear_schedule(lr, end, decay_steps))
   if warmup <= 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
