@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from jaxkd import distributed, hidden, losses, optim
+from jaxkd.data import config as data_config
 from jaxkd.models import attention as attention_lib
 from jaxkd.models import hf_io
 from jaxkd.models import transformer as transformer_lib
@@ -246,6 +247,10 @@ def validate(c) -> None:
          "must be >= 1, or -1 for all the devices the other axes leave")
   need(c.samples.count >= 0, "samples.count", "must be >= 0 (0: no closing samples)")
   need(c.samples.max_new_tokens >= 1, "samples.max_new_tokens", "must be >= 1")
+  try:  # the data keys too, before a model is read: a misspelt value must not wait for a 7B teacher to load
+    data_config.check(c.data)
+  except data_config.DataError as e:
+    raise ConfigError(f"config.{e}") from None
   need(c.data.batch_size >= 1, "data.batch_size", "must be >= 1 (rows per step, over all processes)")
   need(c.data.eval_batches is None or c.data.eval_batches >= 1, "data.eval_batches",
        "must be >= 1, or None for the whole held-out split")

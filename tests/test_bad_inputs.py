@@ -301,3 +301,17 @@ def test_no_space_left_while_saving(tmp_path):
     assert not nonfinite and sums == {k: v for k, v in meta["checksums"].items() if k.startswith("['params']")}
   finally:
     subprocess.run(["umount", ck], check=True)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("data.overlong", "cut", r"config\.data\.overlong='cut': use 'truncate' or 'drop'"),
+    ("data.train_on", "assistants", r"config\.data\.train_on='assistants': use 'assistant'"),
+    ("data.eval_fraction", 1.5, r"config\.data\.eval_fraction=1\.5: use a fraction in \(0, 1\)"),
+    ("data.sources", [{"paths": "x.jsonl"}], r"config\.data\.sources\[0\] has unknown keys \['paths'\]"),
+])
+def test_data_keys_are_checked_before_any_model_is_read(tmp_path, key, value, match):
+  """The student's folder does not exist: the data key's error, not the missing folder's, must come first."""
+  cfg = load_config(**{"workdir": str(tmp_path / "run"), "student.path": str(tmp_path / "no-such-model"),
+                       key: value})
+  with pytest.raises(config_base.ConfigError, match=match):
+    trainer.Run(cfg)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import ml_collections
 
 from jaxkd.data.assets import CHAT_SHAREGPT
+from jaxkd.data.formats import DataError
+from jaxkd.data.sources import parse_sources
+
+OVERLONG = ("truncate", "drop")
+TRAIN_ON = ("assistant", "all")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -78,3 +83,20 @@ def default_data_config() -> ml_collections.ConfigDict:
   # "" turns the cache off.
   c.cache_dir = None
   return c
+
+
+def check(cfg) -> None:
+  """The data section's checks that need no file read: DataError naming the key. The trainer runs them at
+  start, before any model is read; the loader runs them too, for callers that build it alone."""
+  if cfg.overlong not in OVERLONG:
+    raise DataError(f"data.overlong={cfg.overlong!r}: use 'truncate' or 'drop'")
+  if cfg.train_on not in TRAIN_ON:
+    raise DataError(f"data.train_on={cfg.train_on!r}: use 'assistant' (loss on assistant turns) or 'all'")
+  if cfg.eval_fraction and not 0 < cfg.eval_fraction < 1:
+    raise DataError(f"data.eval_fraction={cfg.eval_fraction}: use a fraction in (0, 1)")
+  if cfg.epochs is not None and cfg.epochs < 1:
+    raise DataError(f"data.epochs={cfg.epochs}: use None (no end) or a number of passes >= 1")
+  specs = parse_sources(list(cfg.sources), default_format=cfg.format, default_eval_split=cfg.eval_split)
+  if any(s.streaming for s in specs) and len(specs) > 1 and cfg.epochs is not None:
+    raise DataError("data.epochs with a mixture that includes streaming sources is undefined (their size is "
+                    "unknown): set data.epochs=None and stop the run by steps")

@@ -350,8 +350,6 @@ class Encoder:
   def __init__(self, student: Side, teacher: Side | None = None, *, train_on: str = "assistant",
                chat_prompt_completion: bool = True, role_aliases: Mapping[str, str] | None = None,
                strict: bool = False):
-    if train_on not in ("assistant", "all"):
-      raise DataError(f"data.train_on={train_on!r}: use 'assistant' (loss on assistant turns) or 'all'")
     self.student, self.teacher = student, teacher
     self.train_on = train_on
     self.chat_prompt_completion = chat_prompt_completion

@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxkd.data import cache as cache_lib
+from jaxkd.data import config as data_config
 from jaxkd.data import encode as encode_lib
 from jaxkd.data.encode import Encoded, Encoder, Side, resolve_template, teacher_template
 from jaxkd.data.formats import BAD_REASONS, DataError
@@ -152,8 +153,7 @@ class Loader:
     if batch_size % self.process_count:
       raise DataError(f"batch_size {batch_size} (global rows) is not divisible by {self.process_count} "
                       "processes; choose a multiple of the process count")
-    if cfg.overlong not in ("truncate", "drop"):
-      raise DataError(f"data.overlong={cfg.overlong!r}: use 'truncate' or 'drop'")
+    data_config.check(cfg)
     self.cfg, self.split, self.seed = cfg, split, int(seed)
     self.rows = batch_size // self.process_count
     self._bins = int(cfg.packing_bins or self.rows)
@@ -189,11 +189,6 @@ class Loader:
     if split == "eval" and not cfg.eval_fraction and not any(s.eval_split for s in specs):
       raise DataError("split='eval' but no eval data is configured: set data.eval_fraction (e.g. 0.01) or "
                       "data.eval_split (a named split such as 'test')")
-    if cfg.eval_fraction and not 0 < cfg.eval_fraction < 1:
-      raise DataError(f"data.eval_fraction={cfg.eval_fraction}: use a fraction in (0, 1)")
-    if any(s.streaming for s in specs) and len(specs) > 1 and cfg.epochs is not None and split == "train":
-      raise DataError("data.epochs with a mixture that includes streaming sources is undefined (their size is "
-                      "unknown): set data.epochs=None and stop the run by steps")
 
     self.reports: list[SourceReport] = []
     parts, weights = [], []
