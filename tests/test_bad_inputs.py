@@ -42,8 +42,8 @@ import pytest
 
 from jaxkd import checkpoint as ckpt_lib
 from jaxkd import config_base, data, models, tiny, trainer
-from tests import runs
-from tests.test_train import load_config
+from tests import hf_models, runs
+from tests.runs import load_config
 
 SHORT = {"steps": 2, "checkpoint_every": 2, "data.eval_fraction": 0.0, "progress": False}
 
@@ -107,38 +107,16 @@ def _broken_student(tmp_path, damage):
   return folder
 
 
-def _drop_weight(folder):
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
-  path = os.path.join(folder, "model.safetensors")
-  tensors = load_file(path)
-  tensors.pop("model.layers.1.mlp.up_proj.weight")
-  save_file(tensors, path, metadata={"format": "pt"})
-
-
-def _truncate(folder):
-  path = os.path.join(folder, "model.safetensors")
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) - 100)
-
-
-def _edit_config(folder):
-  path = os.path.join(folder, "config.json")
-  with open(path) as f:
-    cfg = json.load(f)
-  cfg["intermediate_size"] = 200
-  with open(path, "w") as f:
-    json.dump(cfg, f)
-
-
 @pytest.mark.parametrize("damage,error,match", [
     (lambda f: shutil.rmtree(f), FileNotFoundError, r"model folder '.*student' does not exist"),
     (lambda f: os.remove(os.path.join(f, "config.json")), models.CheckpointError,
      r"student has no config\.json; point to a Hugging Face model folder"),
-    (_truncate, models.CheckpointError, r"student/model\.safetensors is truncated"),
-    (_drop_weight, models.CheckpointError,
+    (hf_models.truncate_weights, models.CheckpointError, r"student/model\.safetensors is truncated"),
+    (lambda f: hf_models.rewrite_weights(f, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+     models.CheckpointError,
      r"student: 1 weight\(s\) that config\.json implies are missing from the checkpoint, e\.g\. "
      r"\['model\.layers\.1\.mlp\.up_proj\.weight'\]"),
-    (_edit_config, models.CheckpointError,
+    (lambda f: hf_models.edit_config(f, intermediate_size=200), models.CheckpointError,
      r"weight model\.layers\.\d\.mlp\.(up|gate|down)_proj\.weight has shape \(\d+, \d+\) but config\.json implies"),
 ], ids=["missing-folder", "no-config", "truncated", "missing-weight", "wrong-shape"])
 def test_a_broken_student_folder_gives_the_loaders_message(tmp_path, damage, error, match):

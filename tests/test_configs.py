@@ -7,19 +7,15 @@ import pytest
 from jaxkd import config_base, hidden
 from jaxkd.models import config_from_hf
 from jaxkd.models.presets import PRESETS
+from tests.runs import ROOT, load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
 HUB = ["qwen2_logit", "sft", "qwen2_hidden", "llama_to_stablelm_hidden"]
 
 
-def _load(name):
-  return config_base.load(os.path.join(ROOT, "configs", f"{name}.py"))
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_validates(name):
-  c = _load(name)
+  c = load_config(name)
   config_base.validate(c)
   assert c.workdir.endswith(name), "each config writes to its own default workdir"
 
@@ -27,7 +23,7 @@ def test_config_loads_and_validates(name):
 @pytest.mark.parametrize("name", HUB)
 def test_hub_config_fits_the_models_it_names(name):
   assert set(HUB) <= set(CONFIGS)
-  c = _load(name)
+  c = load_config(name)
   student = config_from_hf(PRESETS[c.student.path])
   assert c.data.seq_len <= student.max_position_embeddings
   if not c.teacher.path:

@@ -200,40 +200,23 @@ def _copy(folder, dst):
   return str(dst)
 
 
-def _rewrite_weights(folder, edit):
-  from safetensors.torch import load_file, save_file  # pylint: disable=import-outside-toplevel
-  path = os.path.join(folder, "model.safetensors")
-  tensors = load_file(path)
-  edit(tensors)
-  save_file(tensors, path, metadata={"format": "pt"})
-
-
-def _edit_config(folder, **changes):
-  path = os.path.join(folder, "config.json")
-  with open(path) as f:
-    cfg = json.load(f)
-  cfg.update(changes)
-  with open(path, "w") as f:
-    json.dump(cfg, f)
-
-
 def test_missing_weight_is_named(hf_factory, tmp_path):
   folder = _copy(hf_factory("qwen2_untied"), tmp_path / "m")
-  _rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+  hf_models.rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
   with pytest.raises(models.CheckpointError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
     models.from_pretrained(folder)
 
 
 def test_unexpected_weight_is_named(hf_factory, tmp_path):
   folder = _copy(hf_factory("qwen2_untied"), tmp_path / "m")
-  _rewrite_weights(folder, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(32)}))
+  hf_models.rewrite_weights(folder, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(32)}))
   with pytest.raises(models.CheckpointError, match=r"unexpected.*o_proj\.bias"):
     models.from_pretrained(folder)
 
 
 def test_wrong_shape_is_named(hf_factory, tmp_path):
   folder = _copy(hf_factory("llama_gqa_llama3"), tmp_path / "m")
-  _edit_config(folder, intermediate_size=48)
+  hf_models.edit_config(folder, intermediate_size=48)
   with pytest.raises(models.CheckpointError, match=r"mlp\.(gate|up|down)_proj\.weight has shape \((64, 32|32, 64)\) but config.json implies \((48, 32|32, 48)\)"):
     models.from_pretrained(folder)
 
@@ -241,9 +224,9 @@ def test_wrong_shape_is_named(hf_factory, tmp_path):
 def test_tied_config_with_a_different_lm_head_is_refused(hf_factory, tmp_path):
   """transformers 5 would untie and use lm_head.weight; a tied model would drop it: neither silently."""
   folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
-  _rewrite_weights(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+  hf_models.rewrite_weights(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
   models.from_pretrained(folder)  # a copy of the embedding table is harmless
-  _rewrite_weights(folder, lambda t: t["lm_head.weight"][5].add_(1.0))
+  hf_models.rewrite_weights(folder, lambda t: t["lm_head.weight"][5].add_(1.0))
   with pytest.raises(models.CheckpointError, match=r"tie_word_embeddings=true.*lm_head\.weight, which differs "
                                                    r"from model\.embed_tokens\.weight.*tie_word_embeddings to false"):
     models.from_pretrained(folder)
@@ -276,9 +259,7 @@ def test_missing_shard_is_named(hf_factory, tmp_path):
 
 def test_truncated_shard_is_named(hf_factory, tmp_path):
   folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
-  path = os.path.join(folder, "model.safetensors")
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) - 100)
+  hf_models.truncate_weights(folder)
   with pytest.raises(models.CheckpointError, match=r"model\.safetensors is truncated"):
     models.from_pretrained(folder)
 
@@ -309,7 +290,7 @@ def test_hub_id_offline_says_how_to_fix(monkeypatch):
 ])
 def test_unsupported_config_fields_are_named(hf_factory, tmp_path, changes, match):
   folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
-  _edit_config(folder, **changes)
+  hf_models.edit_config(folder, **changes)
   with pytest.raises(models.UnsupportedConfigError, match=match):
     models.from_pretrained(folder)
 
@@ -317,7 +298,7 @@ def test_unsupported_config_fields_are_named(hf_factory, tmp_path, changes, matc
 def test_sliding_window_switched_on_but_used_by_no_layer_loads(hf_factory, tmp_path):
   """use_sliding_window with max_window_layers >= the depth: transformers makes every layer full attention."""
   folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
-  _edit_config(folder, use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=None)
+  hf_models.edit_config(folder, use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=None)
   plain = models.from_pretrained(hf_factory("qwen2_tied")).cfg
   loaded = models.from_pretrained(folder).cfg
   assert dataclasses.replace(loaded, hf_passthrough=()) == dataclasses.replace(plain, hf_passthrough=())

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.runs import ROOT
 
 
 def _script(name, *args, timeout=600):

@@ -12,12 +12,7 @@ import torch
 import transformers as tf
 
 from jaxkd import config_base, models, trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name="tiny_logit", **overrides):
-  return config_base.load(os.path.join(ROOT, "configs", f"{name}.py"), overrides)
+from tests.runs import ROOT, command, load_config
 
 
 def _metrics(workdir):
@@ -27,9 +22,8 @@ def _metrics(workdir):
 
 def test_tiny_logit_command_trains_and_exports(tmp_path):
   workdir = str(tmp_path / "run")
-  cmd = [sys.executable, "-m", "jaxkd.train", "--config", os.path.join(ROOT, "configs", "tiny_logit.py"),
-         f"--config.workdir={workdir}", "--config.steps=16", "--config.checkpoint_every=8"]
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  out = subprocess.run(command(workdir, steps=16, checkpoint_every=8), capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "exported student" in out.stdout and "held-out: loss" in out.stdout
   steps = [m for m in _metrics(workdir) if "loss" in m]
