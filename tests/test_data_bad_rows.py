@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxkd.data import DataError, TOKENIZER_DIR, default_data_config, load_tokenizer, make_loader
+from jaxkd.data import DataError, default_data_config, make_loader
 
 GOOD = {"messages": [{"role": "user", "content": "Name 2 colors."},
                      {"role": "assistant", "content": "Red and blue."}]}
@@ -34,11 +34,6 @@ def path(tmp_path_factory):
   lines = [json.dumps(BAD[i][0] if i in BAD else GOOD) for i in range(N)]
   p.write_text("\n".join(lines) + "\n")
   return str(p)
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return load_tokenizer(TOKENIZER_DIR)
 
 
 def make(path, tok, tmp_path, **overrides):

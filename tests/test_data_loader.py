@@ -11,16 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxkd.data import DataError, TOKENIZER_DIR, default_data_config, global_batch, load_tokenizer, make_loader
+from jaxkd.data import DataError, default_data_config, global_batch, make_loader
 from jaxkd.data import loader as loader_lib
 from jaxkd.data.encode import Encoder
 
 ANIMALS = ["cat", "dog", "fox", "owl", "bear", "mouse"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return load_tokenizer(TOKENIZER_DIR)
 
 
 def write_chats(path, n, tag):

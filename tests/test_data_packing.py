@@ -9,21 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxkd.data import TOKENIZER_DIR, default_data_config, load_tokenizer, make_loader
-
-GENERATION_CHATML = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
-    "{%- else %}{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}")
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return load_tokenizer(TOKENIZER_DIR)
-
+from jaxkd.data import default_data_config, make_loader
+from tests.data_references import GENERATION_CHATML
 
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory):

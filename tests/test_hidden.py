@@ -12,7 +12,7 @@ import torch
 import transformers as tf
 from flax import nnx
 
-from jaxkd import hidden, models, optim, step as step_lib, trainer
+from jaxkd import hidden, optim, step as step_lib, trainer
 from jaxkd.models import ModelConfig, Transformer
 from tests.runs import load_config
 from tests.steps import optimizer_config, packed_batch
