@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -65,18 +64,6 @@ def test_resume_is_exact(tmp_path):
     assert f.read() == exported
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("distill.alpha", 1.5, r"config\.distill\.alpha=1\.5: must be in \[0, 1\]"),
-    ("distill.temperature", 0.0, r"config\.distill\.temperature=0\.0: must be > 0"),
-    ("distill.kind", "kl", r"config\.distill\.kind='kl': unknown; use one of forward_kl"),
-    ("optimizer.micro_batches", 3, r"config\.data\.batch_size=8: must be divisible by optimizer\.micro_batches=3"),
-    ("teacher.path", "", r"config\.teacher\.path='': is empty"),
-])
-def test_bad_config_values_name_the_key(key, value, match):
-  with pytest.raises(config_base.ConfigError, match=match):
-    config_base.validate(load_config(**{key: value}))
-
-
 def test_attention_and_remat_settings_reach_both_models(tmp_path):
   overrides = {"workdir": str(tmp_path / "run"), "student.attention": "xla", "teacher.attention": "xla",
                "student.remat": "full"}
@@ -102,10 +89,3 @@ def test_different_tokenizers_refuse_logit_distillation(tmp_path):
   cfg = load_config(**{"workdir": str(tmp_path / "run"), "teacher.tokenizer": other})
   with pytest.raises(config_base.ConfigError, match=r"differs from the student's.*distill\.kind=\"hidden\""):
     trainer.Run(cfg)
-
-
-def test_misspelt_override_fails():
-  cmd = [sys.executable, "-m", "jaxkd.train", "--config", os.path.join(ROOT, "configs", "tiny_logit.py"),
-         "--config.distill.temprature=3"]
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
-  assert out.returncode != 0 and "temprature" in out.stderr
