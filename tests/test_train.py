@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as tf
 
-from jaxkd import config_base, models, trainer
+from jaxkd import config_base, data, models, tiny, trainer
 from tests.runs import ROOT, command, load_config
 
 
@@ -35,7 +35,13 @@ def test_tiny_logit_command_trains_and_exports(tmp_path):
   export = os.path.join(workdir, "export")
   model, info = tf.AutoModelForCausalLM.from_pretrained(export, output_loading_info=True, dtype=torch.float32)
   assert not info["missing_keys"] and not info["unexpected_keys"]
-  assert tf.AutoTokenizer.from_pretrained(export) is not None
+  # The export's tokenizer is the student's: the same chat template, the same ids (loaded as a user would).
+  exported, student = tf.AutoTokenizer.from_pretrained(export), data.load_tokenizer(tiny.resolve("tiny:student"))
+  chat = [{"role": "user", "content": "What is 4 plus 9?"}, {"role": "assistant", "content": "It is 13."}]
+  rendered = student.apply_chat_template(chat, tokenize=False)
+  assert exported.chat_template and exported.apply_chat_template(chat, tokenize=False) == rendered
+  want = student(rendered, add_special_tokens=False)["input_ids"]
+  assert exported(rendered, add_special_tokens=False)["input_ids"] == want and len(want) > 10
   ids = np.random.RandomState(0).randint(0, 700, (1, 20)).astype(np.int32)
   with torch.no_grad():
     ref = model.eval()(torch.tensor(ids)).logits.numpy()
