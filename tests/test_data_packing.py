@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxkd.data import default_data_config, make_loader
-from tests.data_references import GENERATION_CHATML
+from tests.data_references import GENERATION_CHATML, packing_efficiency
 
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory):
@@ -81,6 +81,7 @@ def test_row_invariants(chats, tok, tmp_path, train_on):
       assert not b["loss_mask"][r][~same].any()
       assert not b["input_ids"][r][~real].any() and not b["positions"][r][~real].any()
   assert 0.5 < loader.stats["packing_efficiency"] <= 1.0
+  assert loader.stats["packing_efficiency"] == packing_efficiency(batches)  # of the rows it then yields
   assert "packing efficiency" in loader.summary()
 
 
