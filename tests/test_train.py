@@ -25,6 +25,10 @@ def test_tiny_logit_command_trains_and_exports(tmp_path):
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "exported student" in out.stdout and "held-out: loss" in out.stdout
+  # What it prints is the run's: the final evaluation (the last line of metrics.jsonl) and the export folder.
+  final = _metrics(workdir)[-1]
+  assert final["step"] == 16 and f"held-out: loss {final['eval_loss']:.4f}, token accuracy " in out.stdout
+  assert f"exported student: {os.path.join(workdir, 'export')}" in out.stdout.splitlines()
   steps = [m for m in _metrics(workdir) if "loss" in m]
   assert [m["step"] for m in steps] == list(range(1, 17))
   for m in steps:
