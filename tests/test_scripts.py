@@ -32,6 +32,11 @@ def test_bench_appends_a_train_step_row(tmp_path):
   assert len(added) == 1 and added[0].startswith("| ") and "--seq_len 64" in added[0], added
   section = after[after.index("## Train step"):]
   assert added[0] in section  # in the train-step table, not elsewhere
+  # The throughput is the batch's 8 x 64 positions over the step time, printed and recorded alike.
+  step_s, tokens_s = re.search(r"; step ([0-9.]+) s \(median of 2.*?; (\d+) tokens/s;", out).groups()
+  assert abs(int(tokens_s) - 8 * 64 / float(step_s)) <= 1 + 0.01 * int(tokens_s)  # step s printed to 4 places
+  cells = [c.strip() for c in added[0].strip().strip("|").split("|")]
+  assert (cells[5], cells[6]) == (step_s, tokens_s), cells  # the "step s" and "tokens/s" columns
 
 
 def test_kd_vs_sft_writes_report_and_plot_and_plot_runs_draws_them(tmp_path):
