@@ -201,6 +201,10 @@ def test_skew_zero_is_forward_kl():
         float(kd_loss(zs, zt, kind="forward_kl")),
         rtol=1e-6,
     )
+    # ... and that is the forward KL (a constant would pass the comparison above).
+    np.testing.assert_allclose(
+        float(kd_loss(zs, zt, kind="forward_kl")), np_kd_loss(zs, zt, kind="forward_kl"), **F32_TOL
+    )
 
 
 @pytest.mark.parametrize("kind", KD_KINDS)
@@ -256,6 +260,9 @@ def test_traced_temperature_and_beta_under_jit():
         float(kd_loss(zs, zt, kind="jsd", temperature=2.0, beta=0.3)),
         rtol=1e-6,
     )
+    np.testing.assert_allclose(
+        float(fn(zs, zt, 2.0, 0.3)), np_kd_loss(zs, zt, kind="jsd", tau=2.0, beta=0.3), **F32_TOL
+    )
 
 
 def test_mask_accepts_int_and_bool():
@@ -265,6 +272,7 @@ def test_mask_accepts_int_and_bool():
     b = kd_loss(zs, zt, jnp.asarray(mask, jnp.int32))
     c = kd_loss(zs, zt, jnp.asarray(mask, jnp.float32))
     assert float(a) == float(b) == float(c)
+    np.testing.assert_allclose(float(a), np_kd_loss(zs, zt, mask, kind="forward_kl"), **F32_TOL)
 
 
 def test_teacher_top_k_full_vocab_is_no_top_k():
@@ -272,6 +280,7 @@ def test_teacher_top_k_full_vocab_is_no_top_k():
     np.testing.assert_allclose(
         float(kd_loss(zs, zt, teacher_top_k=32)), float(kd_loss(zs, zt)), rtol=1e-6
     )
+    np.testing.assert_allclose(float(kd_loss(zs, zt)), np_kd_loss(zs, zt, kind="forward_kl"), **F32_TOL)
 
 
 def test_masked_out_garbage_does_not_leak():
@@ -297,6 +306,11 @@ def test_masked_out_garbage_does_not_leak():
 def test_identical_logits_give_zero(kind):
     z = jnp.asarray(random_logits(41)[0])
     np.testing.assert_allclose(float(kd_loss(z, z, kind=kind, temperature=2.0)), 0.0, atol=1e-6)
+    # ... and only they: one token's logits moved, the loss is the reference's, not 0.
+    moved = z.at[1, 2, 3].add(4.0)
+    want = np_kd_loss(moved, z, kind=kind, tau=2.0)
+    assert want > 1e-4
+    np.testing.assert_allclose(float(kd_loss(moved, z, kind=kind, temperature=2.0)), want, **F32_TOL)
 
 
 @pytest.mark.parametrize("kind", KD_KINDS)
@@ -310,6 +324,7 @@ def test_all_kinds_nonnegative(kind):
             assert np.all(np.isfinite(np.asarray(d)))
             # Tiny negatives are float32 round-off of a true 0.
             assert np.all(np.asarray(d) >= -1e-6)
+            assert np.asarray(d).max() > 0  # different logits: not all 0
 
 
 def test_kd_kinds_are_the_kinds_with_a_reference():
@@ -385,6 +400,8 @@ def test_no_nan_grads_topk_masked_and_extreme(kind):
             assert np.all(np.asarray(gt)[..., 27:] == 0.0)
             if not mask.any():
                 assert np.all(np.asarray(gs) == 0.0)
+            else:  # kept tokens do get one
+                assert np.abs(np.asarray(gs)[mask]).max() > 0, (scale, top_k)
 
 
 @pytest.mark.parametrize("kind", KD_KINDS)
