@@ -12,6 +12,7 @@ import pytest
 from jaxkd.data import default_data_config, make_loader
 from tests.data_references import GENERATION_CHATML, packing_efficiency
 
+
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory):
   """A small messages-format file: 150 bundled chats (some long with tool calls)."""
