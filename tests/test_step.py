@@ -85,7 +85,7 @@ def test_loss_is_the_weighted_mix_and_falls():
   assert hist[-1]["loss"] < hist[0]["loss"]
 
 
-def test_accumulation_equals_fullpacked_batch():
+def test_accumulation_equals_full_batch():
   full, h1, _ = _run(LC)
   accum, h4, _ = _run(step_lib.LossConfig(**{**LC.__dict__, "micro_batches": 4}))
   for a, b in zip(h1, h4):
