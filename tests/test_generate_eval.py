@@ -62,11 +62,10 @@ def _fitting_conversations(tok, seq_len, n):
   with open(CHAT_MESSAGES) as f:
     for line in f:
       messages = json.loads(line)["messages"]
-      if len(tok.apply_chat_template(messages, tokenize=False)) < 4 * seq_len:  # cheap pre-filter
-        ref = tok.apply_chat_template(messages, chat_template=GENERATION_CHATML, tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=True)
-        if len(ref["input_ids"]) <= seq_len:
-          out.append((messages, list(ref["input_ids"]), list(ref["assistant_masks"])))
+      ref = tok.apply_chat_template(messages, chat_template=GENERATION_CHATML, tokenize=True, return_dict=True,
+                                    return_assistant_tokens_mask=True)
+      if len(ref["input_ids"]) <= seq_len:
+        out.append((messages, list(ref["input_ids"]), list(ref["assistant_masks"])))
       if len(out) == n:
         return out
   raise AssertionError(f"fewer than {n} bundled conversations fit in {seq_len} tokens")
