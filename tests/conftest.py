@@ -36,3 +36,11 @@ def hf_factory(tmp_path_factory):
     return cache[name]
 
   return make
+
+
+@pytest.fixture(scope="session")
+def tok():
+  """The bundled tokenizer (the tiny models' and the data tests')."""
+  from jaxkd.data import TOKENIZER_DIR, load_tokenizer  # pylint: disable=import-outside-toplevel
+
+  return load_tokenizer(TOKENIZER_DIR)

@@ -1,4 +1,8 @@
-"""Tiny random transformers models of every supported configuration, for comparison tests."""
+"""Tiny random transformers models of every supported configuration, for comparison tests; edits that damage a
+saved model folder, for the loaders' error tests."""
+
+import json
+import os
 
 import numpy as np
 import torch
@@ -52,3 +56,28 @@ def torch_logits(folder, ids, attention_mask=None, position_ids=None, dtype=torc
   if output_hidden_states:
     return out.logits.float().numpy(), [h.float().numpy() for h in out.hidden_states]
   return out.logits.float().numpy()
+
+
+def rewrite_weights(folder, edit):
+  """edit(tensors) changes the {name: torch tensor} of folder/model.safetensors in place; it is saved back."""
+  from safetensors.torch import load_file, save_file  # pylint: disable=import-outside-toplevel
+  path = os.path.join(folder, "model.safetensors")
+  tensors = load_file(path)
+  edit(tensors)
+  save_file(tensors, path, metadata={"format": "pt"})
+
+
+def edit_config(folder, **changes):
+  path = os.path.join(folder, "config.json")
+  with open(path) as f:
+    cfg = json.load(f)
+  cfg.update(changes)
+  with open(path, "w") as f:
+    json.dump(cfg, f)
+
+
+def truncate_weights(folder):
+  """Cuts the last 100 bytes off folder/model.safetensors, as an interrupted download or copy would."""
+  path = os.path.join(folder, "model.safetensors")
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) - 100)

@@ -1,4 +1,5 @@
-"""Helpers for tests that start `python -m jaxkd.train`, interrupt it and read what its workdir holds."""
+"""Helpers for tests of whole runs: a config file loaded with overrides, or `python -m jaxkd.train` started on it,
+interrupted, and what its workdir holds."""
 
 import glob
 import json
@@ -9,10 +10,17 @@ import subprocess
 import sys
 import time
 
+from jaxkd import config_base
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The test process computes in "highest" matmul precision (conftest); the runs it starts must too, for
 # their numbers to be bitwise comparable with runs made in the test process.
 ENV = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest", "PYTHONUNBUFFERED": "1"}
+
+
+def load_config(name: str = "tiny_logit", **overrides):
+  """configs/<name>.py with dotted overrides ({"data.seq_len": 64}), as trainer.run takes it."""
+  return config_base.load(os.path.join(ROOT, "configs", f"{name}.py"), overrides)
 
 
 def command(workdir: str, config: str = "tiny_logit", **overrides) -> list[str]:

@@ -2,17 +2,17 @@
 
 | input                                                        | message (the start; tested by the test named)              |
 |--------------------------------------------------------------|-------------------------------------------------------------|
-| `distill.alpha=1.5`, `distill.temperature=0`, `distill.kind="kl"`, `optimizer.micro_batches=3`, `teacher.path=""` | `config.distill.alpha=1.5: must be in [0, 1]` ... (tests/test_train.py) |
-| `nonfinite="maybe"`                                          | `config.nonfinite='maybe': "skip" skips a step with NaN/Inf ...` |
-| `checkpoint_every=0`, `steps=0`, `max_to_keep=0`             | `config.checkpoint_every=0: must be >= 1` ...               |
-| `data.seq_len=1`, `optimizer.lr=-1.0`, `student.path=""`     | `config.data.seq_len=1: must be >= 2` ...                   |
-| `student.attention="flash"`, `teacher.attention="fast"`, `student.remat="some"` | `config.student.attention='flash': use one of auto, xla, cudnn, splash ...` |
-| a misspelt override (`optimizer.learning_rate`)              | `config.optimizer.learning_rate: no such key ...`           |
+| `distill.alpha=1.5`, `distill.temperature=0`, `distill.kind="kl"`, `optimizer.micro_batches=3`, `teacher.path=""` | `config.distill.alpha=1.5: must be in [0, 1]` ... (tests/test_configs.py) |
+| `nonfinite="maybe"`                                          | `config.nonfinite='maybe': "skip" skips a step with NaN/Inf ...` (tests/test_configs.py) |
+| `checkpoint_every=0`, `steps=0`, `max_to_keep=0`             | `config.checkpoint_every=0: must be >= 1` ... (tests/test_configs.py) |
+| `data.seq_len=1`, `optimizer.lr=-1.0`, `student.path=""`     | `config.data.seq_len=1: must be >= 2` ... (tests/test_configs.py) |
+| `student.attention="flash"`, `teacher.attention="fast"`, `student.remat="some"` | `config.student.attention='flash': use one of auto, xla, cudnn, splash ...` (tests/test_configs.py) |
+| a misspelt override (`optimizer.learning_rate`)              | `config.optimizer.learning_rate: no such key ...` (tests/test_configs.py) |
 | `data.batch_size=4` on 8 devices (mesh data x fsdp = 8)       | `config.data.batch_size=4 is not divisible by 8, the mesh's data x fsdp ... use a multiple of 8, or set mesh.fsdp ...` |
 | teacher tokenizer larger than the teacher's vocab (cross-tokenizer) | `the teacher's tokenizer has N tokens but the teacher's vocab dim is M ...` |
-| `distributed.coordinator` without `num_processes`            | `config.distributed.num_processes=0: with distributed.coordinator='127.0.0.1:1234' it must be the number of processes` |
-| `distributed.process_id=2` of 2                              | `config.distributed.process_id=2: must be in [0, 2)`        |
-| `distributed.heartbeat_timeout_s=0`                          | `config.distributed.heartbeat_timeout_s=0: must be >= 1`    |
+| `distributed.coordinator` without `num_processes`            | `config.distributed.num_processes=0: with distributed.coordinator='127.0.0.1:1234' it must be the number of processes` (tests/test_configs.py) |
+| `distributed.process_id=2` of 2                              | `config.distributed.process_id=2: must be in [0, 2)` (tests/test_configs.py) |
+| `distributed.heartbeat_timeout_s=0`                          | `config.distributed.heartbeat_timeout_s=0: must be >= 1` (tests/test_configs.py) |
 | `data.seq_len=4096` (longer than the model)                  | `... is longer than the student's max_position_embeddings=2048` (tests/test_train.py) |
 | `student.path` a folder that does not exist                  | `model folder '...' does not exist`                         |
 | `student.path` a folder without config.json                  | `... has no config.json; point to a Hugging Face model folder` |
@@ -42,58 +42,10 @@ import pytest
 
 from jaxkd import checkpoint as ckpt_lib
 from jaxkd import config_base, data, models, tiny, trainer
-from tests import runs
-from tests.test_train import load_config
+from tests import hf_models, runs
+from tests.runs import load_config
 
 SHORT = {"steps": 2, "checkpoint_every": 2, "data.eval_fraction": 0.0, "progress": False}
-
-
-@pytest.mark.parametrize("key,value,match", [
-    ("nonfinite", "maybe", r"config\.nonfinite='maybe': \"skip\" skips a step with NaN/Inf"),
-    ("checkpoint_every", 0, r"config\.checkpoint_every=0: must be >= 1"),
-    ("steps", 0, r"config\.steps=0: must be >= 1"),
-    ("max_to_keep", 0, r"config\.max_to_keep=0: must be >= 1"),
-    ("data.seq_len", 1, r"config\.data\.seq_len=1: must be >= 2"),
-    ("optimizer.lr", -1.0, r"config\.optimizer\.lr=-1\.0: must be >= 0"),
-    ("student.path", "", r"config\.student\.path='': is empty"),
-    ("student.attention", "flash", r"config\.student\.attention='flash': use one of auto, xla, cudnn, splash"),
-    ("teacher.attention", "fast", r"config\.teacher\.attention='fast': use one of auto, xla, cudnn, splash"),
-    ("student.remat", "some", r"config\.student\.remat='some': use one of dots, dots_no_batch, dots_no_batch_attention, full, none"),
-    ("distributed.heartbeat_timeout_s", 0, r"config\.distributed\.heartbeat_timeout_s=0: must be >= 1"),
-    # Before these were checked at start, each failed later: a ZeroDivisionError at step 1, or after training.
-    ("log_every", 0, r"config\.log_every=0: must be >= 1"),
-    ("eval_every", -5, r"config\.eval_every=-5: must be >= 0"),
-    ("export.dtype", "float33", r"config\.export\.dtype='float33': use one of bfloat16, float16, float32, auto"),
-    ("student.param_dtype", "fp32", r"config\.student\.param_dtype='fp32': use one of"),
-    ("teacher.dtype", "bf17", r"config\.teacher\.dtype='bf17': use one of"),
-    ("mesh.data", 0, r"config\.mesh\.data=0: must be >= 1, or -1"),
-    ("data.batch_size", 0, r"config\.data\.batch_size=0: must be >= 1"),
-    ("data.eval_batches", 0, r"config\.data\.eval_batches=0: must be >= 1, or None"),
-    ("optimizer.schedule", "cosin", r"config\.optimizer\.schedule='cosin': use one of cosine, linear, constant"),
-    ("optimizer.warmup_steps", -3, r"config\.optimizer\.warmup_steps=-3: must be >= 0"),
-    ("optimizer.min_lr_ratio", -1.0, r"config\.optimizer\.min_lr_ratio=-1\.0: must be in \[0, 1\]"),
-    ("optimizer.b1", 1.5, r"config\.optimizer\.b1=1\.5: must be in \[0, 1\)"),
-    ("distributed.coordinator", "127.0.0.1:1234",
-     r"config\.distributed\.num_processes=0: with distributed\.coordinator='127\.0\.0\.1:1234' it must be the "
-     r"number of processes"),
-])
-def test_bad_config_values_name_the_key(key, value, match):
-  with pytest.raises(config_base.ConfigError, match=match):
-    config_base.validate(load_config(**{key: value}))
-
-
-def test_misspelt_override_is_named():
-  with pytest.raises(config_base.ConfigError, match=r"config\.optimizer\.learning_rate: no such key"):
-    load_config(**{"optimizer.learning_rate": 1e-3})
-  with pytest.raises(config_base.ConfigError, match=r"config\.optimiser\.lr: no such key"):
-    load_config(**{"optimiser.lr": 1e-3})
-
-
-def test_process_id_out_of_range_is_named():
-  cfg = load_config(**{"distributed.coordinator": "127.0.0.1:1234", "distributed.num_processes": 2,
-                       "distributed.process_id": 2})
-  with pytest.raises(config_base.ConfigError, match=r"config\.distributed\.process_id=2: must be in \[0, 2\)"):
-    config_base.validate(cfg)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -107,38 +59,16 @@ def _broken_student(tmp_path, damage):
   return folder
 
 
-def _drop_weight(folder):
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
-  path = os.path.join(folder, "model.safetensors")
-  tensors = load_file(path)
-  tensors.pop("model.layers.1.mlp.up_proj.weight")
-  save_file(tensors, path, metadata={"format": "pt"})
-
-
-def _truncate(folder):
-  path = os.path.join(folder, "model.safetensors")
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) - 100)
-
-
-def _edit_config(folder):
-  path = os.path.join(folder, "config.json")
-  with open(path) as f:
-    cfg = json.load(f)
-  cfg["intermediate_size"] = 200
-  with open(path, "w") as f:
-    json.dump(cfg, f)
-
-
 @pytest.mark.parametrize("damage,error,match", [
     (lambda f: shutil.rmtree(f), FileNotFoundError, r"model folder '.*student' does not exist"),
     (lambda f: os.remove(os.path.join(f, "config.json")), models.WeightsError,
      r"student has no config\.json; point to a Hugging Face model folder"),
-    (_truncate, models.WeightsError, r"student/model\.safetensors is truncated"),
-    (_drop_weight, models.WeightsError,
+    (hf_models.truncate_weights, models.WeightsError, r"student/model\.safetensors is truncated"),
+    (lambda f: hf_models.rewrite_weights(f, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+     models.WeightsError,
      r"student: 1 weight\(s\) that config\.json implies are missing from the checkpoint, e\.g\. "
      r"\['model\.layers\.1\.mlp\.up_proj\.weight'\]"),
-    (_edit_config, models.WeightsError,
+    (lambda f: hf_models.edit_config(f, intermediate_size=200), models.WeightsError,
      r"weight model\.layers\.\d\.mlp\.(up|gate|down)_proj\.weight has shape \(\d+, \d+\) but config\.json implies"),
 ], ids=["missing-folder", "no-config", "truncated", "missing-weight", "wrong-shape"])
 def test_a_broken_student_folder_gives_the_loaders_message(tmp_path, damage, error, match):

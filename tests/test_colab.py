@@ -5,7 +5,7 @@ import os
 import nbformat
 from nbclient import NotebookClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.runs import ROOT
 
 
 def test_quickstart_notebook_offline(tmp_path):
@@ -20,3 +20,8 @@ def test_quickstart_notebook_offline(tmp_path):
                       for o in cell.get("outputs", []))
   assert "exported student:" in outputs and "->" in outputs
   assert os.path.exists(tmp_path / "run" / "export" / "model.safetensors")
+  # What the cells print says what they did: where the export went, and a generated answer.
+  lines = outputs.splitlines()
+  assert f"exported student: {tmp_path / 'run' / 'export'}" in lines, outputs[-2000:]
+  (answer,) = [line.split(" -> ", 1)[1] for line in lines if line.startswith("What is 4 plus 9? -> ")]
+  assert answer.strip(), outputs[-2000:]

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 from jaxkd.data import ASSETS_DIR, CHAT_MESSAGES, CHAT_SHAREGPT, TOKENIZER_DIR, load_tokenizer, to_example
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.runs import ROOT
 
 
 def read(path):

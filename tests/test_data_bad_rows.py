@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxkd.data import DataError, TOKENIZER_DIR, default_data_config, load_tokenizer, make_loader
+from jaxkd.data import DataError, default_data_config, make_loader
 
 GOOD = {"messages": [{"role": "user", "content": "Name 2 colors."},
                      {"role": "assistant", "content": "Red and blue."}]}
@@ -36,11 +36,6 @@ def path(tmp_path_factory):
   return str(p)
 
 
-@pytest.fixture(scope="module")
-def tok():
-  return load_tokenizer(TOKENIZER_DIR)
-
-
 def make(path, tok, tmp_path, **overrides):
   cfg = default_data_config()
   cfg.sources = [dict(path=path, format="messages")]
@@ -66,10 +61,14 @@ def test_bad_rows_are_skipped_counted_and_summarised(path, tok, tmp_path):
   for reason in expected:
     assert reason in text
   assert "(rows 3, 14)" in text and "(rows 21)" in text
-  # Nothing fails mid-run: more than an epoch over the file goes through.
+  # Nothing fails mid-run: more than an epoch over the file goes through, and it holds the good rows only.
+  good = tuple(tok.apply_chat_template(GOOD["messages"], tokenize=True, return_dict=True)["input_ids"])
   for _ in range(N):
     b = next(loader)
     assert np.isfinite(b["loss_mask"]).all()
+    docs = [tuple(b["input_ids"][r][b["segment_ids"][r] == d].tolist())
+            for r in range(b["segment_ids"].shape[0]) for d in range(1, b["segment_ids"][r].max() + 1)]
+    assert docs and set(docs) == {good}
 
 
 def test_strict_mode_names_the_first_bad_row(path, tok, tmp_path):

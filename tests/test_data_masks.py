@@ -14,11 +14,7 @@ import pytest
 from jaxkd.data import CHATML_TEMPLATE, TOKENIZER_DIR, load_tokenizer
 from jaxkd.data.encode import Encoder, Side, resolve_template
 from jaxkd.data.formats import BAD_REASONS
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return load_tokenizer(TOKENIZER_DIR)
+from tests.data_references import GENERATION_CHATML
 
 
 def encode_one(tok, messages, *, template=None, train_on="assistant", fmt="messages", row=None):
@@ -66,18 +62,9 @@ def test_sharegpt_and_messages_give_the_same_tokens(tok):
   np.testing.assert_array_equal(mask_a, mask_b)
 
 
-GENERATION_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
-    "{%- else %}{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}")
-
-
 def test_generation_markers_match_transformers(tok):
-  _, ids, mask = encode_one(tok, CONVERSATION, template=GENERATION_TEMPLATE)
-  ref = tok.apply_chat_template(CONVERSATION, chat_template=GENERATION_TEMPLATE, tokenize=True, return_dict=True,
+  _, ids, mask = encode_one(tok, CONVERSATION, template=GENERATION_CHATML)
+  ref = tok.apply_chat_template(CONVERSATION, chat_template=GENERATION_CHATML, tokenize=True, return_dict=True,
                                 return_assistant_tokens_mask=True)
   assert ids.tolist() == list(ref["input_ids"])
   assert mask.tolist() == list(ref["assistant_masks"])

@@ -9,20 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxkd.data import TOKENIZER_DIR, default_data_config, load_tokenizer, make_loader
-
-GENERATION_CHATML = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
-    "{%- else %}{{- message['content'] + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- endfor %}")
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return load_tokenizer(TOKENIZER_DIR)
+from jaxkd.data import default_data_config, make_loader
+from tests.data_references import GENERATION_CHATML, packing_efficiency
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +82,7 @@ def test_row_invariants(chats, tok, tmp_path, train_on):
       assert not b["loss_mask"][r][~same].any()
       assert not b["input_ids"][r][~real].any() and not b["positions"][r][~real].any()
   assert 0.5 < loader.stats["packing_efficiency"] <= 1.0
+  assert loader.stats["packing_efficiency"] == packing_efficiency(batches)  # of the rows it then yields
   assert "packing efficiency" in loader.summary()
 
 

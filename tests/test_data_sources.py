@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxkd.data import DataError, TOKENIZER_DIR, default_data_config, load_tokenizer, make_loader
+from jaxkd.data import DataError, default_data_config, make_loader
 
 N = 40
 
@@ -24,11 +24,6 @@ def rows():
                 "text": f"Number {i} doubled is {2 * i}.", "instruction": f"Double {i}.", "input": "",
                 "output": f"{2 * i}"})
   return out
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return load_tokenizer(TOKENIZER_DIR)
 
 
 def expected_chats(tok, fmt="sharegpt"):

@@ -14,6 +14,7 @@ import pytest
 from jaxkd.data import (CHAT_MESSAGES, TOKENIZER_DIR, default_data_config, load_tokenizer, make_loader,
                         same_tokenizer, tokenizer_fingerprint)
 from jaxkd.data.synthetic import make_conversations, tokenizer_corpus, train_tokenizer
+from tests.data_references import align_coverage
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +99,9 @@ def teacher_documents(batch):
 
 def test_alignment_pairs_are_exactly_the_common_character_ends(chats, student, teacher, tmp_path):
   ld = loader(chats, student, teacher, tmp_path)
+  batches = list(ld)
   n_docs = n_pairs = 0
-  for batch in ld:
+  for batch in batches:
     assert batch["teacher_input_ids"].shape == (4, 320) and batch["align_student"].shape == (4, 160)
     assert batch["teacher_positions"].dtype == np.int32 and batch["align_mask"].dtype == np.float32
     for s_ids, t_ids, pairs in teacher_documents(batch):
@@ -113,6 +115,9 @@ def test_alignment_pairs_are_exactly_the_common_character_ends(chats, student, t
       n_pairs += len(pairs)
   assert n_docs == 81 and n_pairs > 81 * 10
   assert ld.stats["teacher_tokenizer_differs"] and "teacher tokenizer differs" in ld.summary()
+  # The coverage reported at start is the one of the rows the loader then yields.
+  assert ld.stats["align_coverage"] == align_coverage(batches)
+  assert f"{align_coverage(batches):.0%} of student tokens end where a teacher token ends" in ld.summary()
 
 
 TEACHER_TEMPLATE = ("{%- for m in messages %}"

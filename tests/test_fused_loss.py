@@ -231,6 +231,7 @@ def test_aux_metrics_have_no_gradient_and_ce_only_has_no_teacher_keys():
     assert set(aux) == {"ce_sum", "correct_sum", "count", "kd_sum"}
     assert float(aux["kd_sum"]) == 0.0
     np.testing.assert_allclose(float(w), float(aux["ce_sum"]), rtol=1e-6)
+    np.testing.assert_allclose(float(w), float(reference_sums(h_s, w_s, h_t, w_t, labels, mask, alpha=0.0)), **TOL)
     jaxpr = jax.make_jaxpr(
         lambda h_t, w_t: fused_distill_sums(h_s, w_s, labels, mask, h_t, w_t, alpha=0.0, vocab_size=VOCAB)[0]
     )(h_t, w_t)
@@ -258,6 +259,8 @@ def test_traced_hyperparameters_under_jit_equal_static():
     (static_v, static_g), (traced_v, traced_g) = jax.jit(both, **FAST)(h_s, 2.0, 0.3, 0.6)
     np.testing.assert_allclose(float(traced_v), float(static_v), **TOL)
     np.testing.assert_allclose(traced_g, static_g, **TOL)
+    want = reference_sums(h_s, w_s, h_t, w_t, labels, mask, alpha=0.6, kind="jsd", temperature=2.0, beta=0.3)
+    np.testing.assert_allclose(float(static_v), float(want), **TOL)  # both are the loss, not merely equal
 
 
 def test_bf16_inputs():
@@ -296,12 +299,15 @@ def test_masked_out_garbage_does_not_leak():
     bad_labels = labels.at[5].set(-100)
 
     def f(h_s, w_s, h_t, labels):
-        return fused_distill_sums(h_s, w_s, labels, mask, h_t, w_t, alpha=0.5, vocab_size=VOCAB, chunk_size=8)[0]
+        return fused_distill_sums(h_s, w_s, labels, mask, h_t, w_t, alpha=0.5, kind="forward_kl", temperature=1.0,
+                                  vocab_size=VOCAB, chunk_size=8)[0]
 
     step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), **FAST)
     clean = step(h_s, w_s, h_t, labels)
     dirty = step(bad_s, w_s, bad_t, bad_labels)
     assert_close_tree(dirty, clean, **TOL)
+    want = reference_sums(h_s, w_s, h_t, w_t, labels, mask, alpha=0.5, kind="forward_kl", temperature=1.0)
+    np.testing.assert_allclose(float(clean[0]), float(want), **TOL)  # the loss of the kept tokens, not a constant
 
 
 def test_errors():

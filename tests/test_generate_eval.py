@@ -1,5 +1,7 @@
 """Generation with the KV cache against transformers' greedy decoding; sampling filters; the eval command."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,9 +9,10 @@ import transformers as tf
 import jax
 import jax.numpy as jnp
 
-from jaxkd import eval as eval_lib, generate, models, tiny
+from jaxkd import data, eval as eval_lib, generate, models, tiny
 from jaxkd.data import CHAT_MESSAGES
 from tests import hf_models
+from tests.data_references import GENERATION_CHATML
 
 
 @pytest.mark.parametrize("name", ["qwen2_tied", "stablelm_full"])
@@ -53,14 +56,50 @@ def test_sampling_filters():
   assert int(generate.sample_logits(logits, keys[0], temperature=0.0)[0]) == 0
 
 
-def test_eval_command_is_consistent():
-  """With the model as its own teacher: agreement 1, KL 0, teacher loss = loss; perplexity = exp(loss)."""
+def _fitting_conversations(tok, seq_len, n):
+  """The first n bundled conversations whose rendering fits in seq_len tokens (none is packed or cut)."""
+  out = []
+  with open(CHAT_MESSAGES) as f:
+    for line in f:
+      messages = json.loads(line)["messages"]
+      ref = tok.apply_chat_template(messages, chat_template=GENERATION_CHATML, tokenize=True, return_dict=True,
+                                    return_assistant_tokens_mask=True)
+      if len(ref["input_ids"]) <= seq_len:
+        out.append((messages, list(ref["input_ids"]), list(ref["assistant_masks"])))
+      if len(out) == n:
+        return out
+  raise AssertionError(f"fewer than {n} bundled conversations fit in {seq_len} tokens")
+
+
+def test_eval_command_is_consistent(tmp_path):
+  """The loss and accuracy are the model's on the trained tokens, computed here conversation by conversation in
+  float64 from the logits; with the model as its own teacher: agreement 1, KL 0, teacher loss = loss;
+  perplexity = exp(loss)."""
   student = tiny.resolve("tiny:student")
-  out = eval_lib.evaluate(student, [CHAT_MESSAGES], teacher_path=student, seq_len=128, batch_size=8)
+  tok = data.load_tokenizer(student)  # what eval reads the rows with (a Qwen2 folder's: not the bundled one's ids)
+  chats = _fitting_conversations(tok, 128, 120)
+  path = tmp_path / "held_out.jsonl"
+  path.write_text("".join(json.dumps({"messages": m}) + "\n" for m, _, _ in chats))
+  out = eval_lib.evaluate(student, [str(path)], teacher_path=student, seq_len=128, batch_size=8)
   assert out["tokens"] > 1000
   np.testing.assert_allclose(out["perplexity"], np.exp(out["loss"]), rtol=1e-6)
   assert out["agreement"] == 1.0 and abs(out["kl_t1"]) < 1e-5
   np.testing.assert_allclose(out["teacher_ce"], out["loss"], rtol=1e-5)
+  # The reference: each conversation alone in a row, target t + 1 trained where transformers' mask says so.
+  ids_BxT, seg_BxT, mask_BxT = (np.zeros((len(chats), 128), dt) for dt in (np.int32, np.int32, bool))
+  for i, (_, ids, mask) in enumerate(chats):
+    ids_BxT[i, :len(ids)], seg_BxT[i, :len(ids)], mask_BxT[i, :len(ids)] = ids, 1, mask
+  model = models.from_pretrained(student, dtype="float32")
+  logits_BxTxV = np.asarray(model(ids_BxT, segment_ids=seg_BxT), np.float64)[..., :len(tok)]
+  logp_BxTxV = logits_BxTxV - logits_BxTxV.max(-1, keepdims=True)
+  logp_BxTxV -= np.log(np.exp(logp_BxTxV).sum(-1, keepdims=True))
+  trained = mask_BxT[:, 1:]
+  targets = ids_BxT[:, 1:]
+  nll = -np.take_along_axis(logp_BxTxV[:, :-1], targets[..., None], axis=-1)[..., 0]
+  assert out["tokens"] == trained.sum()
+  np.testing.assert_allclose(out["loss"], nll[trained].mean(), rtol=1e-5)
+  np.testing.assert_allclose(out["accuracy"], (logits_BxTxV[:, :-1].argmax(-1) == targets)[trained].mean(),
+                             atol=1.5 / trained.sum())  # a near tie may flip one argmax in float32
   assert 0 <= out["accuracy"] <= 1
   limit = models.config_from_hf(tiny.TINY_CONFIGS["student"]).max_position_embeddings
   with pytest.raises(ValueError, match=rf"--seq_len {2 * limit} is longer than the model's "

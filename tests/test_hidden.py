@@ -12,10 +12,10 @@ import torch
 import transformers as tf
 from flax import nnx
 
-from jaxkd import hidden, models, optim, step as step_lib, trainer
+from jaxkd import hidden, optim, step as step_lib, trainer
 from jaxkd.models import ModelConfig, Transformer
-from tests.test_step import _batch, _opt_cfg
-from tests.test_train import load_config
+from tests.runs import load_config
+from tests.steps import optimizer_config, packed_batch
 
 
 def _np_loss(s, t, mask, loss, layer_norm):
@@ -65,14 +65,14 @@ def test_projection_receives_gradients_and_changes():
   projector = hidden.Projector(len(pairs), 32, 48, rngs=nnx.Rngs(2))
   params = {"student": nnx.to_pure_dict(nnx.state(student)), "projector": nnx.to_pure_dict(nnx.state(projector))}
   t_params = nnx.to_pure_dict(nnx.state(teacher))
-  optimizer, lr = optim.make_optimizer(_opt_cfg(warmup_steps=0), 4)
+  optimizer, lr = optim.make_optimizer(optimizer_config(warmup_steps=0), 4)
   fn = step_lib.make_train_step(nnx.split(student)[0], nnx.split(teacher)[0], optimizer, lr, lc,
                                 projector_def=nnx.split(projector)[0])
   state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
   before = jax.tree.map(np.array, params["projector"])
   losses = []
   for i in range(4):
-    state, m = fn(state, t_params, _batch(0))
+    state, m = fn(state, t_params, packed_batch(0))
     losses.append(float(m["hidden"]))
   after = state.params["projector"]
   changed = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), after, before)
@@ -81,7 +81,7 @@ def test_projection_receives_gradients_and_changes():
   # The gradient reaches the projection: its norm is part of the step's gradient.
   grads = jax.grad(lambda p: step_lib.objective(
       nnx.merge(nnx.split(student)[0], p["student"]), nnx.merge(nnx.split(projector)[0], p["projector"]),
-      nnx.merge(nnx.split(teacher)[0], t_params), jax.tree.map(jnp.asarray, _batch(1)), lc, 1.0, 1.0)[0])(
+      nnx.merge(nnx.split(teacher)[0], t_params), jax.tree.map(jnp.asarray, packed_batch(1)), lc, 1.0, 1.0)[0])(
       state.params)
   assert float(jnp.abs(grads["projector"]["proj"]["kernel"]).max()) > 0
 

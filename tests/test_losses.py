@@ -52,6 +52,21 @@ def np_teacher_probs(zt, tau, top_k):
     return p / p.sum(axis=-1, keepdims=True)
 
 
+def np_jsd(pt, ps, beta):
+    m = beta * pt + (1 - beta) * ps
+    return beta * np_kl(pt, m) + (1 - beta) * np_kl(ps, m)
+
+
+# kind -> divergence per token between the teacher's pt and the student's ps.
+NP_DIVERGENCES = {
+    "forward_kl": lambda pt, ps, beta, skew: np_kl(pt, ps),
+    "reverse_kl": lambda pt, ps, beta, skew: np_kl(ps, pt),
+    "jsd": lambda pt, ps, beta, skew: np_jsd(pt, ps, beta),
+    "tvd": lambda pt, ps, beta, skew: 0.5 * np.abs(pt - ps).sum(axis=-1),
+    "skew_kl": lambda pt, ps, beta, skew: np_kl(pt, skew * pt + (1 - skew) * ps),
+}
+
+
 def np_divergence(zs, zt, kind, tau=1.0, beta=0.5, skew=0.1, top_k=None, vocab_size=None):
     zs = np.asarray(zs, np.float64)
     zt = np.asarray(zt, np.float64)
@@ -59,18 +74,7 @@ def np_divergence(zs, zt, kind, tau=1.0, beta=0.5, skew=0.1, top_k=None, vocab_s
         zs, zt = zs[..., :vocab_size], zt[..., :vocab_size]
     ps = np_softmax(zs / tau)
     pt = np_teacher_probs(zt, tau, top_k)
-    if kind == "forward_kl":
-        return np_kl(pt, ps)
-    if kind == "reverse_kl":
-        return np_kl(ps, pt)
-    if kind == "jsd":
-        m = beta * pt + (1 - beta) * ps
-        return beta * np_kl(pt, m) + (1 - beta) * np_kl(ps, m)
-    if kind == "tvd":
-        return 0.5 * np.abs(pt - ps).sum(axis=-1)
-    if kind == "skew_kl":
-        return np_kl(pt, skew * pt + (1 - skew) * ps)
-    raise AssertionError(kind)
+    return NP_DIVERGENCES[kind](pt, ps, beta, skew)
 
 
 def np_kd_loss(zs, zt, mask=None, *, kind, tau=1.0, **kw):
@@ -197,6 +201,10 @@ def test_skew_zero_is_forward_kl():
         float(kd_loss(zs, zt, kind="forward_kl")),
         rtol=1e-6,
     )
+    # ... and that is the forward KL (a constant would pass the comparison above).
+    np.testing.assert_allclose(
+        float(kd_loss(zs, zt, kind="forward_kl")), np_kd_loss(zs, zt, kind="forward_kl"), **F32_TOL
+    )
 
 
 @pytest.mark.parametrize("kind", KD_KINDS)
@@ -252,6 +260,9 @@ def test_traced_temperature_and_beta_under_jit():
         float(kd_loss(zs, zt, kind="jsd", temperature=2.0, beta=0.3)),
         rtol=1e-6,
     )
+    np.testing.assert_allclose(
+        float(fn(zs, zt, 2.0, 0.3)), np_kd_loss(zs, zt, kind="jsd", tau=2.0, beta=0.3), **F32_TOL
+    )
 
 
 def test_mask_accepts_int_and_bool():
@@ -261,6 +272,7 @@ def test_mask_accepts_int_and_bool():
     b = kd_loss(zs, zt, jnp.asarray(mask, jnp.int32))
     c = kd_loss(zs, zt, jnp.asarray(mask, jnp.float32))
     assert float(a) == float(b) == float(c)
+    np.testing.assert_allclose(float(a), np_kd_loss(zs, zt, mask, kind="forward_kl"), **F32_TOL)
 
 
 def test_teacher_top_k_full_vocab_is_no_top_k():
@@ -268,6 +280,7 @@ def test_teacher_top_k_full_vocab_is_no_top_k():
     np.testing.assert_allclose(
         float(kd_loss(zs, zt, teacher_top_k=32)), float(kd_loss(zs, zt)), rtol=1e-6
     )
+    np.testing.assert_allclose(float(kd_loss(zs, zt)), np_kd_loss(zs, zt, kind="forward_kl"), **F32_TOL)
 
 
 def test_masked_out_garbage_does_not_leak():
@@ -293,6 +306,11 @@ def test_masked_out_garbage_does_not_leak():
 def test_identical_logits_give_zero(kind):
     z = jnp.asarray(random_logits(41)[0])
     np.testing.assert_allclose(float(kd_loss(z, z, kind=kind, temperature=2.0)), 0.0, atol=1e-6)
+    # ... and only they: one token's logits moved, the loss is the reference's, not 0.
+    moved = z.at[1, 2, 3].add(4.0)
+    want = np_kd_loss(moved, z, kind=kind, tau=2.0)
+    assert want > 1e-4
+    np.testing.assert_allclose(float(kd_loss(moved, z, kind=kind, temperature=2.0)), want, **F32_TOL)
 
 
 @pytest.mark.parametrize("kind", KD_KINDS)
@@ -306,10 +324,13 @@ def test_all_kinds_nonnegative(kind):
             assert np.all(np.isfinite(np.asarray(d)))
             # Tiny negatives are float32 round-off of a true 0.
             assert np.all(np.asarray(d) >= -1e-6)
+            assert np.asarray(d).max() > 0  # different logits: not all 0
 
 
-def test_kinds_constant():
-    assert KD_KINDS == ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
+def test_kd_kinds_are_the_kinds_with_a_reference():
+    # KD_KINDS is what a config may choose and what the value tests here (and the fused-loss tests) are
+    # parametrized over: a kind it lacked would go untested, one without a reference above would be unchecked.
+    assert KD_KINDS == tuple(NP_DIVERGENCES)
 
 
 # ---------------------------------------------------------------------------
@@ -379,6 +400,8 @@ def test_no_nan_grads_topk_masked_and_extreme(kind):
             assert np.all(np.asarray(gt)[..., 27:] == 0.0)
             if not mask.any():
                 assert np.all(np.asarray(gs) == 0.0)
+            else:  # kept tokens do get one
+                assert np.abs(np.asarray(gs)[mask]).max() > 0, (scale, top_k)
 
 
 @pytest.mark.parametrize("kind", KD_KINDS)

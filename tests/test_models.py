@@ -14,7 +14,7 @@ import torch
 import transformers as tf
 from flax import nnx
 
-from jaxkd import models, sharding
+from jaxkd import data, models, sharding
 from jaxkd.models import presets
 from tests import hf_models
 
@@ -72,19 +72,46 @@ def test_hidden_states_match_transformers(hf_factory, name):
   np.testing.assert_allclose(np.asarray(out.last_hidden), ref[-1], atol=1e-4)
 
 
-def test_packed_row_equals_separate_documents(hf_factory):
-  """Segment ids keep packed documents apart: a packed row equals each document run alone."""
-  model = models.from_pretrained(hf_factory("stablelm_full"))
-  docs = [_ids(4, b=1, t=5)[0], _ids(5, b=1, t=4)[0], _ids(6, b=1, t=3)[0]]
-  packed = np.concatenate(docs + [np.zeros(2, np.int32)])[None]
-  segments = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)] + [np.zeros(2)])[None]
-  logits = np.asarray(model(packed, segment_ids=segments.astype(np.int32)))[0]
-  start = 0
-  for d in docs:
-    alone = np.asarray(model(d[None]))[0]
-    diff = np.abs(logits[start:start + len(d)] - alone).max()
-    assert diff <= 1e-5, diff
-    start += len(d)
+@pytest.mark.parametrize("rows", ["hand_packed", "loader"])
+def test_packed_row_equals_separate_documents(hf_factory, tok, rows):
+  """Segment ids keep packed documents apart: a document's logits in a packed row equal its logits run alone, at
+  the start of a row of its own (what follows it cannot reach it through causal attention). Hand-packed
+  documents through a transformers-made StableLM, positions derived from the segment ids; a loader's packed
+  batch through a Llama, with the positions the loader gives. (Rotary attention sees only relative positions,
+  so this does not check that positions restart; test_data_packing.py checks the loader's positions.)"""
+  if rows == "hand_packed":
+    model = models.from_pretrained(hf_factory("stablelm_full"))
+    docs = [_ids(4, b=1, t=5)[0], _ids(5, b=1, t=4)[0], _ids(6, b=1, t=3)[0]]
+    ids_BxT = np.concatenate(docs + [np.zeros(2, np.int32)])[None]
+    seg_BxT = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)] + [np.zeros(2)])[None]
+    seg_BxT, pos_BxT, min_docs, tol = seg_BxT.astype(np.int32), None, 3, dict(rtol=0, atol=1e-5)
+  else:
+    cfg = data.default_data_config()
+    cfg.packing_bins = 8
+    batch = next(data.make_loader(cfg, tokenizer=tok, seq_len=128, batch_size=2, seed=0, cache_dir=""))
+    model = models.Transformer(models.ModelConfig(
+        model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, max_position_embeddings=128), rngs=nnx.Rngs(0))
+    ids_BxT, seg_BxT, pos_BxT = batch["input_ids"], batch["segment_ids"], batch["positions"]
+    min_docs, tol = 4, dict(rtol=1e-5, atol=1e-5)
+  forward = nnx.jit(lambda m, ids, seg, pos: m.forward(ids, segment_ids=seg, positions=pos).logits)
+  packed = np.asarray(forward(model, ids_BxT, seg_BxT, pos_BxT))
+  assert packed.dtype == np.float32
+
+  docs, where = [], []
+  for r, seg in enumerate(seg_BxT):
+    for s in range(1, seg.max() + 1):
+      where.append((r, seg == s))
+      docs.append(ids_BxT[r][seg == s])
+  assert len(docs) >= min_docs and seg_BxT.max() > 1
+  t = ids_BxT.shape[1]
+  alone_ids = np.zeros((len(docs), t), np.int32)
+  for i, d in enumerate(docs):
+    alone_ids[i, :len(d)] = d
+  ones = np.ones_like(alone_ids)
+  alone = np.asarray(forward(model, alone_ids, ones, np.broadcast_to(np.arange(t), alone_ids.shape)))
+  for i, (r, mask) in enumerate(where):
+    np.testing.assert_allclose(packed[r][mask], alone[i, :len(docs[i])], **tol)
 
 
 def test_bf16_loading(hf_factory):
@@ -200,40 +227,23 @@ def _copy(folder, dst):
   return str(dst)
 
 
-def _rewrite_weights(folder, edit):
-  from safetensors.torch import load_file, save_file  # pylint: disable=import-outside-toplevel
-  path = os.path.join(folder, "model.safetensors")
-  tensors = load_file(path)
-  edit(tensors)
-  save_file(tensors, path, metadata={"format": "pt"})
-
-
-def _edit_config(folder, **changes):
-  path = os.path.join(folder, "config.json")
-  with open(path) as f:
-    cfg = json.load(f)
-  cfg.update(changes)
-  with open(path, "w") as f:
-    json.dump(cfg, f)
-
-
 def test_missing_weight_is_named(hf_factory, tmp_path):
   folder = _copy(hf_factory("qwen2_untied"), tmp_path / "m")
-  _rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+  hf_models.rewrite_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
   with pytest.raises(models.WeightsError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
     models.from_pretrained(folder)
 
 
 def test_unexpected_weight_is_named(hf_factory, tmp_path):
   folder = _copy(hf_factory("qwen2_untied"), tmp_path / "m")
-  _rewrite_weights(folder, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(32)}))
+  hf_models.rewrite_weights(folder, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(32)}))
   with pytest.raises(models.WeightsError, match=r"unexpected.*o_proj\.bias"):
     models.from_pretrained(folder)
 
 
 def test_wrong_shape_is_named(hf_factory, tmp_path):
   folder = _copy(hf_factory("llama_gqa_llama3"), tmp_path / "m")
-  _edit_config(folder, intermediate_size=48)
+  hf_models.edit_config(folder, intermediate_size=48)
   with pytest.raises(models.WeightsError, match=r"mlp\.(gate|up|down)_proj\.weight has shape \((64, 32|32, 64)\) but config.json implies \((48, 32|32, 48)\)"):
     models.from_pretrained(folder)
 
@@ -241,9 +251,9 @@ def test_wrong_shape_is_named(hf_factory, tmp_path):
 def test_tied_config_with_a_different_lm_head_is_refused(hf_factory, tmp_path):
   """transformers 5 would untie and use lm_head.weight; a tied model would drop it: neither silently."""
   folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
-  _rewrite_weights(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+  hf_models.rewrite_weights(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
   models.from_pretrained(folder)  # a copy of the embedding table is harmless
-  _rewrite_weights(folder, lambda t: t["lm_head.weight"][5].add_(1.0))
+  hf_models.rewrite_weights(folder, lambda t: t["lm_head.weight"][5].add_(1.0))
   with pytest.raises(models.WeightsError, match=r"tie_word_embeddings=true.*lm_head\.weight, which differs "
                                                    r"from model\.embed_tokens\.weight.*tie_word_embeddings to false"):
     models.from_pretrained(folder)
@@ -276,9 +286,7 @@ def test_missing_shard_is_named(hf_factory, tmp_path):
 
 def test_truncated_shard_is_named(hf_factory, tmp_path):
   folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
-  path = os.path.join(folder, "model.safetensors")
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) - 100)
+  hf_models.truncate_weights(folder)
   with pytest.raises(models.WeightsError, match=r"model\.safetensors is truncated"):
     models.from_pretrained(folder)
 
@@ -309,7 +317,7 @@ def test_hub_id_offline_says_how_to_fix(monkeypatch):
 ])
 def test_unsupported_config_fields_are_named(hf_factory, tmp_path, changes, match):
   folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
-  _edit_config(folder, **changes)
+  hf_models.edit_config(folder, **changes)
   with pytest.raises(models.UnsupportedConfigError, match=match):
     models.from_pretrained(folder)
 
@@ -317,7 +325,7 @@ def test_unsupported_config_fields_are_named(hf_factory, tmp_path, changes, matc
 def test_sliding_window_switched_on_but_used_by_no_layer_loads(hf_factory, tmp_path):
   """use_sliding_window with max_window_layers >= the depth: transformers makes every layer full attention."""
   folder = _copy(hf_factory("qwen2_tied"), tmp_path / "m")
-  _edit_config(folder, use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=None)
+  hf_models.edit_config(folder, use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=None)
   plain = models.from_pretrained(hf_factory("qwen2_tied")).cfg
   loaded = models.from_pretrained(folder).cfg
   assert dataclasses.replace(loaded, hf_passthrough=()) == dataclasses.replace(plain, hf_passthrough=())

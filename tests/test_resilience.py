@@ -25,8 +25,8 @@ from jaxkd import checkpoint as ckpt_lib
 from jaxkd import step as step_lib
 from jaxkd import trainer
 from tests import runs
-from tests.test_step import _batch, _setup
-from tests.test_train import load_config
+from tests.runs import load_config
+from tests.steps import build_step, packed_batch
 
 # Ten steps, checkpoints at 3, 6, 9 and 10; no held-out split (evaluation is tested elsewhere).
 RUN = {"steps": 10, "checkpoint_every": 3, "data.eval_fraction": 0.0, "export.dtype": "float32",
@@ -223,11 +223,11 @@ def _assert_same(a, b):
 
 def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_unchanged():
   lc = step_lib.LossConfig(alpha=0.5, vocab_size=61)
-  fn, state, t_params = _setup(lc, steps=4)
-  state, m = fn(state, t_params, _batch(0))
+  fn, state, t_params = build_step(lc, steps=4)
+  state, m = fn(state, t_params, packed_batch(0))
   assert float(m["nonfinite"]) == 0.0
   before = jax.device_get(state)
-  bad = _batch(1)
+  bad = packed_batch(1)
   bad["targets"][2, 3] = 10_000  # outside the vocabulary, on a trained token: the cross entropy is NaN
   assert bad["loss_mask"][2, 3] > 0
   state, m = fn(state, t_params, bad)
@@ -243,14 +243,14 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_unchanged():
   params = {"student": {**after.params["student"], "embed_tokens": {"embedding": emb}}}
   state = step_lib.TrainState(step=jnp.asarray(after.step), params=jax.tree.map(jnp.asarray, params),
                               opt_state=jax.tree.map(jnp.asarray, after.opt_state))
-  state, m = fn(state, t_params, _batch(2))
+  state, m = fn(state, t_params, packed_batch(2))
   assert float(m["nonfinite"]) == 1.0
   _assert_same(jax.device_get((state.params, state.opt_state)), (params, after.opt_state))
 
   # The same batch without the bad target updates the parameters.
-  fn, state, t_params = _setup(lc, steps=4)
-  state, _ = fn(state, t_params, _batch(0))
-  state, m = fn(state, t_params, _batch(1))
+  fn, state, t_params = build_step(lc, steps=4)
+  state, _ = fn(state, t_params, packed_batch(0))
+  state, m = fn(state, t_params, packed_batch(1))
   assert float(m["nonfinite"]) == 0.0
   assert not np.array_equal(jax.device_get(state.params["student"]["embed_tokens"]["embedding"]),
                             before.params["student"]["embed_tokens"]["embedding"])

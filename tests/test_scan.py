@@ -10,25 +10,17 @@ from flax import nnx
 from jaxkd import step as step_lib
 from jaxkd.models import ModelConfig, Transformer
 from jaxkd.models.transformer import REMAT_POLICIES
+from tests.steps import packed_batch
+
+
+def _batch():
+  return packed_batch(0, rows=2, vocab=60, trained=1.0)  # every token of a document trained
 
 
 def _cfg(layers, **kw):
   base = dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=layers,
               num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64, qkv_bias=True)
   return ModelConfig(**{**base, **kw})
-
-
-def _batch(rows=2, t=16, vocab=60):
-  rng = np.random.RandomState(0)
-  ids = rng.randint(0, vocab, (rows, t)).astype(np.int32)
-  seg = np.ones((rows, t), np.int32)
-  seg[:, t // 2:] = 2
-  seg[0, -3:] = 0
-  pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(rows, 0).astype(np.int32)
-  mask = (seg > 0).astype(np.float32)
-  mask[:, t // 2 - 1] = mask[:, -1] = 0
-  return {"input_ids": ids, "targets": np.roll(ids, -1, axis=1), "loss_mask": mask, "segment_ids": seg,
-          "positions": pos}
 
 
 def _lowered_lines(layers: int) -> int:

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.runs import ROOT
 
 
 def _script(name, *args, timeout=600):
@@ -32,17 +32,29 @@ def test_bench_appends_a_train_step_row(tmp_path):
   assert len(added) == 1 and added[0].startswith("| ") and "--seq_len 64" in added[0], added
   section = after[after.index("## Train step"):]
   assert added[0] in section  # in the train-step table, not elsewhere
+  # The throughput is the batch's 8 x 64 positions over the step time, printed and recorded alike.
+  step_s, tokens_s = re.search(r"; step ([0-9.]+) s \(median of 2.*?; (\d+) tokens/s;", out).groups()
+  assert abs(int(tokens_s) - 8 * 64 / float(step_s)) <= 1 + 0.01 * int(tokens_s)  # step s printed to 4 places
+  cells = [c.strip() for c in added[0].strip().strip("|").split("|")]
+  assert (cells[5], cells[6]) == (step_s, tokens_s), cells  # the "step s" and "tokens/s" columns
 
 
 def test_kd_vs_sft_writes_report_and_plot_and_plot_runs_draws_them(tmp_path):
   workdir = str(tmp_path / "kvs")
   out = _script("kd_vs_sft.py", "--workdir", workdir, "--seeds", "0", "--steps", 3, "--modes", "logit_kd")
-  assert "logit KD beats SFT on held-out loss for every seed" in out
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
+  # The verdict, in the report and printed, is the one the per-seed held-out losses give.
+  loss = {mode: report[mode]["per_seed"]["0"]["eval_loss"] for mode in ("sft", "logit_kd")}
+  beats = loss["logit_kd"] < loss["sft"]
+  assert report["logit_kd_beats_sft_every_seed"] == beats
+  verdict = ("logit KD beats SFT on held-out loss for every seed" if beats else
+             "logit KD does not beat SFT on held-out loss for seed(s) 0")
+  assert verdict in out.splitlines(), out[-2000:]
   assert "hidden_kd" not in report  # not asked for (the full run: BENCHMARKS.md)
   for mode in ("teacher", "sft", "logit_kd"):
     assert {"eval_loss", "eval_accuracy"} <= set(report[mode]), mode
+    assert f"{mode:>13}: held-out loss {report[mode]['eval_loss']:.4f}" in out, mode  # printed as reported
     assert 0 < report[mode]["eval_loss"] < 20 and 0 <= report[mode]["eval_accuracy"] <= 1
   assert report["teacher"]["eval_loss"] < report["sft"]["eval_loss"]  # a trained teacher, 3-step students
   assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000

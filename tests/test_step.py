@@ -6,77 +6,26 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from jaxkd import optim, sharding, step as step_lib
-from jaxkd.models import ModelConfig, Transformer
-
-V = 61
-STUDENT = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64, qkv_bias=True,
-                      tie_embeddings=True)
-TEACHER = ModelConfig(model_type="llama", vocab_size=72, hidden_size=48, intermediate_size=96, num_layers=3,
-                      num_heads=4, num_kv_heads=4, head_dim=12, max_position_embeddings=64)
-
-
-def _opt_cfg(**kw):
-  c = ml_collections.ConfigDict(dict(lr=1e-2, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1,
-                                     weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0))
-  c.update(kw)
-  return c
-
-
-def _batch(seed, rows=8, t=16):
-  rng = np.random.RandomState(seed)
-  ids = rng.randint(0, V, (rows, t)).astype(np.int32)
-  seg = np.ones((rows, t), np.int32)
-  seg[:, t // 2:] = 2  # two documents per row
-  seg[0, -3:] = 0  # some padding
-  pos = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(rows, 0).astype(np.int32)
-  targets = np.roll(ids, -1, axis=1)
-  mask = (rng.rand(rows, t) < 0.7).astype(np.float32) * (seg > 0)
-  mask[:, t // 2 - 1] = 0  # no target across the document boundary
-  mask[:, -1] = 0
-  return {"input_ids": ids, "targets": targets, "loss_mask": mask, "segment_ids": seg, "positions": pos}
-
-
-def _setup(lc, mesh=None, steps=3):
-  student = Transformer(STUDENT, rngs=nnx.Rngs(0))
-  teacher = Transformer(TEACHER, param_dtype=jnp.float32, rngs=nnx.Rngs(1)) if lc.uses_teacher else None
-  optimizer, lr = optim.make_optimizer(_opt_cfg(), steps)
-  s_def, s_state = nnx.split(student)
-  params = {"student": nnx.to_pure_dict(s_state)}
-  t_def, t_params = (nnx.split(teacher)[0], nnx.to_pure_dict(nnx.state(teacher))) if teacher else (None, None)
-  kw = {}
-  if mesh is not None:
-    param_sh = {"student": step_lib.module_shardings(mesh, student)}
-    opt_sh = step_lib.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    kw = dict(state_shardings=step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh),
-              teacher_shardings=step_lib.module_shardings(mesh, teacher) if teacher else None,
-              batch_shardings=step_lib.batch_shardings(mesh, step_lib.STUDENT_KEYS))
-    params = jax.device_put(params, param_sh)
-    if teacher:
-      t_params = jax.device_put(t_params, kw["teacher_shardings"])
-  state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
-  fn = step_lib.make_train_step(s_def, t_def, optimizer, lr, lc, **kw)
-  return fn, state, t_params
+from jaxkd.models import Transformer
+from tests.steps import STUDENT, TEACHER, V, build_step, optimizer_config, packed_batch
 
 
 @functools.lru_cache(maxsize=None)  # tests that need the same run share it (and its compile)
 def _run(lc, mesh=None, steps=3):
   """(student params, per-step metrics, teacher params after the steps), all on the host."""
-  fn, state, t_params = _setup(lc, mesh, steps)
+  fn, state, t_params = build_step(lc, mesh, steps)
   history = []
   for i in range(steps):
     if mesh is not None:
       with jax.set_mesh(mesh):
-        state, m = fn(state, t_params, _batch(i))
+        state, m = fn(state, t_params, packed_batch(i))
     else:
-      state, m = fn(state, t_params, _batch(i))
+      state, m = fn(state, t_params, packed_batch(i))
     history.append(jax.device_get(m))
   return jax.device_get(state.params["student"]), history, jax.device_get(t_params)
 
@@ -98,8 +47,8 @@ def test_fused_step_equals_materialised_step():
 def test_invalid_target_on_a_kept_token_is_nonfinite_in_both_paths(fused, target):
   """A target outside [0, V) on a trained token makes the loss NaN, so the step is skipped, in the fused and
   the materialised objective alike (a negative one must not wrap around to a real column)."""
-  fn, state, t_params = _setup(step_lib.LossConfig(**{**LC.__dict__, "fused": fused}))
-  batch = _batch(0)
+  fn, state, t_params = build_step(step_lib.LossConfig(**{**LC.__dict__, "fused": fused}))
+  batch = packed_batch(0)
   batch["targets"][0, 0], batch["loss_mask"][0, 0] = target, 1.0
   _, m = fn(state, t_params, batch)
   assert np.isnan(float(m["ce"])) and float(m["nonfinite"]) == 1.0
@@ -108,15 +57,15 @@ def test_invalid_target_on_a_kept_token_is_nonfinite_in_both_paths(fused, target
 def test_logged_lr_is_the_one_applied_after_a_skipped_step():
   """A skipped step leaves the optimizer (and its schedule's count) as it was: the next step applies, and
   logs, the learning rate the skipped one would have had."""
-  fn, state, t_params = _setup(LC, steps=6)
-  _, lr = optim.make_optimizer(_opt_cfg(), 6)
-  bad = _batch(0)
+  fn, state, t_params = build_step(LC, steps=6)
+  _, lr = optim.make_optimizer(optimizer_config(), 6)
+  bad = packed_batch(0)
   bad["targets"][0, 0], bad["loss_mask"][0, 0] = V + 2, 1.0
   state, m = fn(state, t_params, bad)
   assert float(m["nonfinite"]) == 1.0 and int(state.step) == 1
   lrs = []
   for i in range(1, 3):
-    state, m = fn(state, t_params, _batch(i))
+    state, m = fn(state, t_params, packed_batch(i))
     lrs.append(float(m["lr"]))
   np.testing.assert_allclose(lrs, [float(lr(0)), float(lr(1))], rtol=1e-6)
   assert float(lr(1)) != float(lr(2))  # the check above can tell the two counts apart
@@ -161,13 +110,13 @@ def test_sharded_step_partitions_without_replicating_activations(capfd):
   fall back to replicating a whole tensor and slicing it ("involuntary full rematerialization", which it
   reports on stderr). The embedding lookup on an fsdp-split table did, before the table was gathered."""
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  fn, state, t_params = _setup(step_lib.LossConfig(**{**LC.__dict__, "micro_batches": 2}), mesh)
+  fn, state, t_params = build_step(step_lib.LossConfig(**{**LC.__dict__, "micro_batches": 2}), mesh)
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)  # a cached executable is never partitioned
   try:
     capfd.readouterr()
     with jax.set_mesh(mesh):
-      fn.lower(state, t_params, _batch(0)).compile()
+      fn.lower(state, t_params, packed_batch(0)).compile()
     err = capfd.readouterr().err
   finally:
     jax.config.update("jax_enable_compilation_cache", cache)
@@ -176,11 +125,11 @@ def test_sharded_step_partitions_without_replicating_activations(capfd):
 
 def test_sft_compiles_no_teacher():
   lc = step_lib.LossConfig(alpha=0.0, vocab_size=V)
-  fn, state, t_params = _setup(lc)
+  fn, state, t_params = build_step(lc)
   assert t_params is None  # there is nothing to pass: the step cannot run a teacher
-  hlo = fn.lower(state, None, _batch(0)).as_text()
-  with_teacher, st2, tp2 = _setup(LC)
-  hlo_kd = with_teacher.lower(st2, tp2, _batch(0)).as_text()
+  hlo = fn.lower(state, None, packed_batch(0)).as_text()
+  with_teacher, st2, tp2 = build_step(LC)
+  hlo_kd = with_teacher.lower(st2, tp2, packed_batch(0)).as_text()
   # The teacher's 48-wide hidden states appear only in the distillation step.
   teacher_shape = re.compile(r"(tensor<|x)48x")
   assert teacher_shape.search(hlo_kd) and not teacher_shape.search(hlo)
@@ -189,13 +138,13 @@ def test_sft_compiles_no_teacher():
 
 
 def test_schedule_warmup_then_cosine():
-  cfg = _opt_cfg(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+  cfg = optimizer_config(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
   lr = optim.schedule(cfg, 14)
   np.testing.assert_allclose([lr(0), lr(2), lr(4)], [0.0, 0.5, 1.0], atol=1e-7)
   for s in (6, 9, 14):
     frac = (s - 4) / 10
     np.testing.assert_allclose(lr(s), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)), atol=1e-6)
-  lin = optim.schedule(_opt_cfg(lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0), 10)
+  lin = optim.schedule(optimizer_config(lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0), 10)
   np.testing.assert_allclose([lin(0), lin(5), lin(10)], [1.0, 0.5, 0.0], atol=1e-7)
 
 

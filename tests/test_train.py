@@ -4,20 +4,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import transformers as tf
 
-from jaxkd import config_base, models, trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name="tiny_logit", **overrides):
-  return config_base.load(os.path.join(ROOT, "configs", f"{name}.py"), overrides)
+from jaxkd import config_base, data, models, tiny, trainer
+from tests.runs import ROOT, command, load_config
 
 
 def _metrics(workdir):
@@ -27,11 +21,14 @@ def _metrics(workdir):
 
 def test_tiny_logit_command_trains_and_exports(tmp_path):
   workdir = str(tmp_path / "run")
-  cmd = [sys.executable, "-m", "jaxkd.train", "--config", os.path.join(ROOT, "configs", "tiny_logit.py"),
-         f"--config.workdir={workdir}", "--config.steps=16", "--config.checkpoint_every=8"]
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+  out = subprocess.run(command(workdir, steps=16, checkpoint_every=8), capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "exported student" in out.stdout and "held-out: loss" in out.stdout
+  # What it prints is the run's: the final evaluation (the last line of metrics.jsonl) and the export folder.
+  final = _metrics(workdir)[-1]
+  assert final["step"] == 16 and f"held-out: loss {final['eval_loss']:.4f}, token accuracy " in out.stdout
+  assert f"exported student: {os.path.join(workdir, 'export')}" in out.stdout.splitlines()
   assert out.stdout.count("\n  student:   ") == 3 and out.stdout.count("\n  teacher:   ") == 3  # closing samples
   steps = [m for m in _metrics(workdir) if "loss" in m]
   assert [m["step"] for m in steps] == list(range(1, 17))
@@ -43,7 +40,13 @@ def test_tiny_logit_command_trains_and_exports(tmp_path):
   export = os.path.join(workdir, "export")
   model, info = tf.AutoModelForCausalLM.from_pretrained(export, output_loading_info=True, dtype=torch.float32)
   assert not info["missing_keys"] and not info["unexpected_keys"]
-  assert tf.AutoTokenizer.from_pretrained(export) is not None
+  # The export's tokenizer is the student's: the same chat template, the same ids (loaded as a user would).
+  exported, student = tf.AutoTokenizer.from_pretrained(export), data.load_tokenizer(tiny.resolve("tiny:student"))
+  chat = [{"role": "user", "content": "What is 4 plus 9?"}, {"role": "assistant", "content": "It is 13."}]
+  rendered = student.apply_chat_template(chat, tokenize=False)
+  assert exported.chat_template and exported.apply_chat_template(chat, tokenize=False) == rendered
+  want = student(rendered, add_special_tokens=False)["input_ids"]
+  assert exported(rendered, add_special_tokens=False)["input_ids"] == want and len(want) > 10
   ids = np.random.RandomState(0).randint(0, 700, (1, 20)).astype(np.int32)
   with torch.no_grad():
     ref = model.eval()(torch.tensor(ids)).logits.numpy()
@@ -72,18 +75,6 @@ def test_resume_is_exact(tmp_path):
     assert f.read() == exported
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("distill.alpha", 1.5, r"config\.distill\.alpha=1\.5: must be in \[0, 1\]"),
-    ("distill.temperature", 0.0, r"config\.distill\.temperature=0\.0: must be > 0"),
-    ("distill.kind", "kl", r"config\.distill\.kind='kl': unknown; use one of forward_kl"),
-    ("optimizer.micro_batches", 3, r"config\.data\.batch_size=8: must be divisible by optimizer\.micro_batches=3"),
-    ("teacher.path", "", r"config\.teacher\.path='': is empty"),
-])
-def test_bad_config_values_name_the_key(key, value, match):
-  with pytest.raises(config_base.ConfigError, match=match):
-    config_base.validate(load_config(**{key: value}))
-
-
 def test_attention_and_remat_settings_reach_both_models(tmp_path):
   overrides = {"workdir": str(tmp_path / "run"), "student.attention": "xla", "teacher.attention": "xla",
                "student.remat": "full"}
@@ -109,10 +100,3 @@ def test_different_tokenizers_refuse_logit_distillation(tmp_path):
   cfg = load_config(**{"workdir": str(tmp_path / "run"), "teacher.tokenizer": other})
   with pytest.raises(config_base.ConfigError, match=r"differs from the student's.*distill\.kind=\"hidden\""):
     trainer.Run(cfg)
-
-
-def test_misspelt_override_fails():
-  cmd = [sys.executable, "-m", "jaxkd.train", "--config", os.path.join(ROOT, "configs", "tiny_logit.py"),
-         "--config.distill.temprature=3"]
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
-  assert out.returncode != 0 and "temprature" in out.stderr
