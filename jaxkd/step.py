@@ -1,4 +1,4 @@
-"""The pure train and eval steps, and the shardings they are compiled with.
+"""The pure train and eval steps (compiled with the shardings of `jaxkd.sharding`).
 
 `make_train_step` returns one jitted function: student forward, teacher forward under `stop_gradient`,
 the combined loss `hidden_weight * hidden + alpha * KD + (1 - alpha) * CE`, the gradient (accumulated
@@ -22,12 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxkd import hidden, losses
 from jaxkd import sharding as shd
 
-BATCH_SPEC = P(("data", "fsdp"), None)
 STUDENT_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -318,45 +316,3 @@ def make_eval_step(student_def, teacher_def, lc: LossConfig, *, projector_def=No
     return {**aux, "hidden_count": jnp.sum(hidden_mask(batch, lc) > 0, dtype=jnp.float32)}
 
   return jax.jit(eval_step, in_shardings=(param_shardings, teacher_shardings, batch_shardings))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shardings.
-
-
-def module_shardings(mesh: Mesh, module) -> dict:
-  """Nested dict of NamedShardings for a module's parameters (the layout of `nnx.to_pure_dict`)."""
-  out: dict = {}
-  for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = shd.named_sharding(mesh, var.get_metadata().get("axes"), var.shape)
-  return out
-
-
-def opt_state_shardings(mesh: Mesh, abstract_opt_state, param_sh: dict):
-  """Optimizer moments follow their parameter's sharding (matched by key path); counters are replicated."""
-  flat = {}
-
-  def collect(node, prefix=()):
-    for k, v in node.items():
-      if isinstance(v, dict):
-        collect(v, prefix + (k,))
-      else:
-        flat[prefix + (k,)] = v
-  collect(param_sh)
-  replicated = NamedSharding(mesh, P())
-
-  def one(path, leaf):
-    keys = tuple(getattr(p, "key", None) for p in path)
-    for n in range(len(keys)):
-      if keys[n:] in flat:
-        return flat[keys[n:]]
-    return replicated
-  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
-
-
-def batch_shardings(mesh: Mesh, keys) -> dict:
-  """Every batch array is split over its rows."""
-  return {k: NamedSharding(mesh, BATCH_SPEC) for k in keys}
