@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxkd import hidden, losses
+from jaxkd import fused_loss, hidden, losses
 from jaxkd import sharding as shd
 
 STUDENT_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -166,7 +166,7 @@ def objective(student, projector, teacher, batch: dict, lc: LossConfig, n_tokens
     t_hidden_NxD = t_out.last_hidden.reshape(-1, t_out.last_hidden.shape[-1])
     t_head = jax.lax.stop_gradient(teacher.head_kernel())
   if lc.fused:
-    token_sum, aux = losses.fused_distill_sums(
+    token_sum, aux = fused_loss.fused_distill_sums(
         s_hidden_NxD, student.head_kernel(), labels_N, mask_N, t_hidden_NxD, t_head,
         alpha=lc.alpha if lc.logit_kd else 0.0, kind=lc.kind if lc.logit_kd else "forward_kl",
         temperature=lc.temperature, beta=lc.beta, skew=lc.skew, vocab_size=lc.vocab_size,

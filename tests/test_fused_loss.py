@@ -1,4 +1,4 @@
-"""Tests for the fused (chunked) KD + CE loss in jaxkd.losses.
+"""Tests for the fused (chunked) KD + CE loss in jaxkd.fused_loss.
 
 The reference is the unfused loss on materialised logits (``kd_loss`` and
 ``cross_entropy_loss`` of ``h @ W``, themselves tested against float64 NumPy in
@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxkd.losses import (
-    KD_KINDS,
-    cross_entropy_loss,
+from jaxkd.fused_loss import (
     fused_cross_entropy_loss,
     fused_distill_sums,
     fused_kd_loss,
+)
+from jaxkd.losses import (
+    KD_KINDS,
+    cross_entropy_loss,
     kd_loss,
 )
 
