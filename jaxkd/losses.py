@@ -26,7 +26,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
 
@@ -160,44 +159,13 @@ def _masked_mean(values_x, mask_x):
 # ---------------------------------------------------------------------------
 
 
-def _kth_largest(x_xV, k, vocab_split=None):
-  """Value and index of the k-th entry of ``lax.top_k(x_xV, k)`` along the last dim.
-
-  vocab_split = (S, token_axes) says x_xV is [C, V] with V split S ways over
-  the "tensor" mesh axis (and C over token_axes). The selection is then done
-  shard by shard: each shard's own top-k, gathered ([C, S*k], not [C, V]), and
-  the top-k of those candidates. This is exact: an entry of the global top-k
-  is in its shard's top-k, and both stages break ties towards the lower index
-  as ``lax.top_k`` does (the candidates are laid out shard by shard). A plain
-  ``lax.top_k`` on the split array would make XLA gather whole rows.
-  """
-  if vocab_split is None:
-    val_xK, idx_xK = jax.lax.top_k(x_xV, k)
-    return val_xK[..., k - 1], idx_xK[..., k - 1]
-  shards, token_axes = vocab_split
-  per_shard = x_xV.shape[-1] // shards
-
-  def local(x_cxVs):
-    val_cxK, idx_cxK = jax.lax.top_k(x_cxVs, min(k, per_shard))
-    idx_cxK = idx_cxK + per_shard * jax.lax.axis_index("tensor")
-    val_cxM = jax.lax.all_gather(val_cxK, "tensor", axis=1, tiled=True)
-    idx_cxM = jax.lax.all_gather(idx_cxK, "tensor", axis=1, tiled=True)
-    val_cxK, pos_cxK = jax.lax.top_k(val_cxM, k)
-    idx_cxK = jnp.take_along_axis(idx_cxM, pos_cxK, axis=1)
-    return val_cxK[:, k - 1], idx_cxK[:, k - 1]
-
-  rows = token_axes or None
-  return jax.shard_map(
-      local,
-      in_specs=P(rows, "tensor"),
-      out_specs=(P(rows), P(rows)),
-      axis_names={"tensor", *token_axes},
-      # After the all_gather every tensor shard holds the same candidates and
-      # picks the same k-th one; the checker cannot see that.
-      check_vma=False)(x_xV)
+def _kth_largest(x_xV, k):
+  """Value and index of the k-th entry of ``lax.top_k(x_xV, k)`` along the last dim."""
+  val_xK, idx_xK = jax.lax.top_k(x_xV, k)
+  return val_xK[..., k - 1], idx_xK[..., k - 1]
 
 
-def _teacher_log_probs(teacher_xV, tau, teacher_top_k, vocab_split=None):
+def _teacher_log_probs(teacher_xV, tau, teacher_top_k, kth_largest=_kth_largest):
   """Teacher log-probs at temperature tau, and where the teacher has support.
 
   With top-k, the teacher keeps its k largest logits and is renormalised over
@@ -219,7 +187,7 @@ def _teacher_log_probs(teacher_xV, tau, teacher_top_k, vocab_split=None):
   # everything above v_k, and the ties at v_k up to index i_k, since top_k
   # takes tied entries lowest index first. Unlike scattering the k indices,
   # this is elementwise, so it stays local to each shard of a split vocab.
-  kth_x, kth_idx_x = _kth_largest(jax.lax.stop_gradient(teacher_xV), teacher_top_k, vocab_split)
+  kth_x, kth_idx_x = kth_largest(jax.lax.stop_gradient(teacher_xV), teacher_top_k)
   kth_x1, kth_idx_x1 = kth_x[..., None], kth_idx_x[..., None]
   cols_V = jnp.arange(vocab, dtype=kth_idx_x.dtype)
   support_xV = (teacher_xV > kth_x1) | ((teacher_xV == kth_x1) & (cols_V <= kth_idx_x1))
@@ -281,17 +249,19 @@ def per_token_divergence(student_logits, teacher_logits, *, kind: str = "forward
                      teacher_top_k=teacher_top_k)
 
 
-def _divergence(student_xV, teacher_xV, *, kind, temperature, beta, skew, teacher_top_k, vocab_split=None):
+def _divergence(student_xV, teacher_xV, *, kind, temperature, beta, skew, teacher_top_k,
+                kth_largest=_kth_largest):
   """``per_token_divergence`` on checked, already cut logits.
 
-  vocab_split: see ``_kth_largest``; it only changes how the teacher's top-k
-  is selected when the vocab dim is split over the "tensor" mesh axis.
+  kth_largest(x_xV, k) is how the teacher's top-k is selected (as
+  ``_kth_largest``); the fused loss passes one that works shard by shard
+  where the vocab dim is split over the mesh.
   """
   student_xV = student_xV.astype(jnp.float32)
   teacher_xV = teacher_xV.astype(jnp.float32)
 
   logp_s_xV = jax.nn.log_softmax(student_xV / temperature, axis=-1)
-  logp_t_xV, support_xV = _teacher_log_probs(teacher_xV, temperature, teacher_top_k, vocab_split)
+  logp_t_xV, support_xV = _teacher_log_probs(teacher_xV, temperature, teacher_top_k, kth_largest)
 
   if kind == "forward_kl":
     return _kl_from_logs(logp_t_xV, logp_s_xV, support_xV)
