@@ -372,3 +372,50 @@ def token_accuracy(logits, labels, mask=None, *, vocab_size: Optional[int] = Non
   pred_x = jnp.argmax(logits_xV, axis=-1)
   correct_x = (pred_x == jnp.asarray(labels)) & valid_x
   return _masked_mean(correct_x.astype(jnp.float32), mask_x)
+
+
+# ---------------------------------------------------------------------------
+# The training objective on materialised logits
+# ---------------------------------------------------------------------------
+
+
+def _label_nll(logp_NxV, labels_N):
+  """-log p[label]; NaN for a label outside [0, V), as in the fused loss (take_along_axis alone would wrap a
+  negative label around to a real column and train on it)."""
+  v = logp_NxV.shape[-1]
+  picked_N = jnp.take_along_axis(logp_NxV, jnp.clip(labels_N, 0, v - 1)[:, None], axis=-1)[:, 0]
+  return jnp.where((labels_N >= 0) & (labels_N < v), -picked_N, jnp.nan)
+
+
+def distill_sums(s_hidden_NxD, s_head_DxV, labels_N, mask_N, t_hidden_NxD=None, t_head_DxV=None, *, alpha, kind,
+                 temperature, beta, skew, vocab_size, teacher_top_k):
+  """The training objective's sums on full [N, V] logits (what `distill.fused=False` trains on).
+
+  The reference for `jaxkd.fused_loss.fused_distill_sums`: the same arguments but `chunk_size`, and the same
+  `(weighted_sum, aux)`; `weighted_sum = alpha * kd_sum + (1 - alpha) * ce_sum`, the CE sum without a teacher.
+  """
+  s_logits_NxV = jnp.dot(s_hidden_NxD, s_head_DxV, preferred_element_type=jnp.float32)
+  if vocab_size is not None:
+    s_logits_NxV = s_logits_NxV[:, :vocab_size]
+  logp_NxV = jax.nn.log_softmax(s_logits_NxV)
+  keep_N = mask_N > 0
+  ce_N = _label_nll(logp_NxV, labels_N)
+  aux = {"ce_sum": jnp.sum(jnp.where(keep_N, ce_N, 0.0)), "count": jnp.sum(keep_N, dtype=jnp.float32),
+         "correct_sum": jnp.sum(keep_N & (jnp.argmax(s_logits_NxV, -1) == labels_N), dtype=jnp.float32)}
+  if t_hidden_NxD is None:
+    return aux["ce_sum"], jax.lax.stop_gradient(aux)
+  t_logits_NxV = jnp.dot(t_hidden_NxD, t_head_DxV, preferred_element_type=jnp.float32)
+  if vocab_size is not None:
+    t_logits_NxV = t_logits_NxV[:, :vocab_size]
+  d_N = per_token_divergence(s_logits_NxV, t_logits_NxV, kind=kind, temperature=temperature, beta=beta, skew=skew,
+                             teacher_top_k=teacher_top_k)
+  kl1_N = per_token_divergence(s_logits_NxV, t_logits_NxV, kind="forward_kl")
+  t_ce_N = _label_nll(jax.nn.log_softmax(t_logits_NxV), labels_N)
+  aux.update(
+      kd_sum=temperature ** 2 * jnp.sum(jnp.where(keep_N, d_N, 0.0)),
+      kl1_sum=jnp.sum(jnp.where(keep_N, kl1_N, 0.0)),
+      teacher_ce_sum=jnp.sum(jnp.where(keep_N, t_ce_N, 0.0)),
+      agree_sum=jnp.sum(keep_N & (jnp.argmax(s_logits_NxV, -1) == jnp.argmax(t_logits_NxV, -1)),
+                        dtype=jnp.float32))
+  total = alpha * aux["kd_sum"] + (1.0 - alpha) * aux["ce_sum"]
+  return total, jax.lax.stop_gradient(aux)

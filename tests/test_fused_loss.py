@@ -25,6 +25,7 @@ from jaxkd.fused_loss import (
 from jaxkd.losses import (
     KD_KINDS,
     cross_entropy_loss,
+    distill_sums,
     kd_loss,
 )
 
@@ -238,6 +239,32 @@ def test_aux_metrics_have_no_gradient_and_ce_only_has_no_teacher_keys():
     )(h_t, w_t)
     used = {id(v) for eqn in jaxpr.jaxpr.eqns for v in eqn.invars}
     assert not used & {id(v) for v in jaxpr.jaxpr.invars}  # h_t, w_t: never read
+
+
+def test_fused_sums_equal_the_materialised_objective():
+    """losses.distill_sums (what distill.fused=False trains on) and fused_distill_sums: the same weighted sum,
+    gradient and aux sums, with a teacher (skew KL, top-k, vocab cut) and without one."""
+    h_s, w_s, h_t, w_t, labels, mask = make_inputs(9)
+    mask = mask.astype(jnp.float32)  # as the train step passes it
+    kw = dict(kind="skew_kl", temperature=2.0, beta=0.5, skew=0.2, vocab_size=VOCAB, teacher_top_k=5)
+    cases = [((h_t, w_t), 0.3), ((None, None), 0.0)]
+
+    def run(sums, **extra):
+        def each(h_s, w_s):
+            return [jax.value_and_grad(lambda h, w, t=t, a=a: sums(  # noqa: E731
+                h, w, labels, mask, *t, alpha=a, **kw, **extra), argnums=(0, 1), has_aux=True)(h_s, w_s)
+                    for t, a in cases]
+        return jax.jit(each, **FAST)(h_s, w_s)
+
+    got = run(fused_distill_sums, chunk_size=8)
+    want = run(distill_sums)
+    for i, (((value, aux), grads), ((want_value, want_aux), want_grads)) in enumerate(zip(got, want)):
+        np.testing.assert_allclose(float(value), float(want_value), rtol=2e-5, err_msg=f"case {i}")
+        for g, w in zip(grads, want_grads):
+            np.testing.assert_allclose(g, w, rtol=TOL["rtol"], atol=1e-5, err_msg=f"case {i}")
+        assert set(want_aux) <= set(aux), f"case {i}"
+        for name in want_aux:
+            np.testing.assert_allclose(float(aux[name]), float(want_aux[name]), rtol=2e-5, err_msg=f"{name}, case {i}")
 
 
 # ---------------------------------------------------------------------------
