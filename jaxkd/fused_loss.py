@@ -1,21 +1,16 @@
 """The fused (chunked) KD + CE loss from hidden states and output heads.
 
-The loss of a model with a 152k vocabulary is dominated by its logits: at
-8,192 tokens one [N, V] float32 array is 5 GB, and the unfused loss and its
-gradient hold several (student and teacher logits, log-probs, the logits'
-cotangent). The fused loss walks over the tokens in chunks of C, and for each
-chunk forms the student and teacher logits [C, V], the loss, and at once its
-gradient with respect to the student logits; it then folds that gradient into
-d(hidden) [N, Ds] and d(head) [Ds, V] and drops the chunk. Only those two
-gradients are kept for the backward pass (a custom VJP), which just scales them
-by the incoming cotangent: nothing is recomputed, neither the teacher's logits
-nor the student's.
+The loss of a model with a 152k vocabulary is dominated by its logits: at 8,192 tokens one [N, V] float32 array is 5 GB,
+and the unfused loss and its gradient hold several (student and teacher logits, log-probs, the logits' cotangent). The
+fused loss walks over the tokens in chunks of C, and for each chunk forms the student and teacher logits [C, V], the
+loss, and at once its gradient with respect to the student logits; it then folds that gradient into d(hidden) [N, Ds]
+and d(head) [Ds, V] and drops the chunk. Only those two gradients are kept for the backward pass (a custom VJP), which
+just scales them by the incoming cotangent: nothing is recomputed, neither the teacher's logits nor the student's.
 
-The per-chunk math is `per_token_divergence`'s own body (`_divergence`) and
-the label pick of `cross_entropy_loss`, differentiated with
-`jax.value_and_grad` on the chunk's logits inside the loop, so the fused loss
-has no second copy of the divergence formulas that could drift from `kd_loss`
-(jaxkd.losses, which the tests compare it with).
+The per-chunk math is `per_token_divergence`'s own body (`_divergence`) and the label pick of `cross_entropy_loss`,
+differentiated with `jax.value_and_grad` on the chunk's logits inside the loop, so the fused loss has no second copy of
+the divergence formulas that could drift from `kd_loss`. `jaxkd.losses` holds those reference definitions and the same
+objective on materialised logits (`losses.distill_sums`); the tests compare the fused loss with them.
 """
 
 from __future__ import annotations
@@ -40,17 +35,14 @@ from jaxkd.losses import (_check_hparams, _check_mask, _concrete, _divergence, _
 (_VOCAB_AXIS,) = shd.mesh_axes_of("act_vocab")
 _TOKEN_AXES = shd.mesh_axes_of("act_batch")
 
-
-# Logit given to head columns at or past vocab_size. The chunk keeps the head's
-# full width and masks rather than slicing, because slicing a vocab-sharded
-# array to a width the vocab axis does not divide (151646 = 2 x 75823) would
-# reshard every chunk. exp(-1e30 - max) is exactly 0 in float32, so a masked
-# column adds nothing to any softmax sum; unlike -inf the value stays finite, so
-# the p * (log p - log q) terms and their gradients never form 0 * inf.
+# Logit given to head columns at or past vocab_size. The chunk keeps the head's full width and masks rather than
+# slicing, because slicing a vocab-sharded array to a width the vocab axis does not divide (151646 = 2 x 75823) would
+# reshard every chunk. exp(-1e30 - max) is exactly 0 in float32, so a masked column adds nothing to any softmax sum;
+# unlike -inf the value stays finite, so the p * (log p - log q) terms and their gradients never form 0 * inf.
 _MASKED_LOGIT = -1e30
 
-# Hyperparameters that may be traced; the concrete ones are kept static (so
-# that e.g. skew=0 and alpha=0 still take their exact special paths).
+# Hyperparameters that may be traced; the concrete ones are kept static (so that e.g. skew=0 and alpha=0 still take
+# their exact special paths).
 _HPARAMS = ("temperature", "beta", "skew", "alpha")
 
 
@@ -76,14 +68,16 @@ class _FusedSpec:
     return static[name] if name in static else traced_hparams[name]
 
 
+# ----------------------------------------------------------------------------------------------------
+# Mesh handling: the vocab axis and the token axes of the active mesh.
+
+
 def _auto_mesh_axes():
   """{axis name: size} of the active mesh's Auto axes of size > 1 ({} if none).
 
-  Under Auto axes GSPMD partitions the loss by itself (combining log-sum-exps
-  and reductions across vocab shards); the constraints below only tell it
-  which layout to keep. Explicit axes (of size > 1) are refused by
-  `_check_mesh_axes`; under Manual ones (inside shard_map) each shard's loss
-  is computed locally.
+  Under Auto axes GSPMD partitions the loss by itself (combining log-sum-exps and reductions across vocab shards); the
+  constraints below only tell it which layout to keep. Explicit axes (of size > 1) are refused by `_check_mesh_axes`;
+  under Manual ones (inside shard_map) each shard's loss is computed locally.
   """
   return _mesh_axes(jax.sharding.AxisType.Auto)
 
@@ -113,12 +107,11 @@ def _vocab_shards(width):
 
 
 def _token_axes(chunk):
-  """The active mesh's token axes (those of ``act_batch``) that split a chunk's tokens, and their size.
+  """The active mesh's token axes (those of `act_batch`) that split a chunk's tokens, and their size.
 
-  Tokens are normally sharded over the data axes. Each token shard keeps its
-  own partial d(head) across the loop and they are summed once at the end;
-  accumulating into one replicated d(head) would all-reduce a [Ds, V] array on
-  every chunk.
+  Tokens are normally sharded over the data axes. Each token shard keeps its own partial d(head) across the loop and
+  they are summed once at the end; accumulating into one replicated d(head) would all-reduce a [Ds, V] array on every
+  chunk.
   """
   axes = {name: size for name, size in _auto_mesh_axes().items() if name in _TOKEN_AXES}
   size = int(np.prod(list(axes.values()), dtype=np.int64))
@@ -137,14 +130,12 @@ def _vocab_sharded(x_xV, shards, lead_axes=()):
 
 
 def _split_kth_largest(x_CxV, k, shards, token_axes):
-  """``losses._kth_largest`` of x_CxV whose V is split ``shards`` ways over the vocab axis (C over token_axes).
+  """`losses._kth_largest` of x_CxV whose V is split `shards` ways over the vocab axis (C over token_axes).
 
-  The selection is done shard by shard: each shard's own top-k, gathered
-  ([C, S*k], not [C, V]), and the top-k of those candidates. This is exact: an
-  entry of the global top-k is in its shard's top-k, and both stages break ties
-  towards the lower index as ``lax.top_k`` does (the candidates are laid out
-  shard by shard). A plain ``lax.top_k`` on the split array would make XLA
-  gather whole rows.
+  The selection is done shard by shard: each shard's own top-k, gathered ([C, S*k], not [C, V]), and the top-k of those
+  candidates. This is exact: an entry of the global top-k is in its shard's top-k, and both stages break ties towards
+  the lower index as `lax.top_k` does (the candidates are laid out shard by shard). A plain `lax.top_k` on the split
+  array would make XLA gather whole rows.
   """
   per_shard = x_CxV.shape[-1] // shards
 
@@ -163,9 +154,13 @@ def _split_kth_largest(x_CxV, k, shards, token_axes):
       in_specs=P(rows, _VOCAB_AXIS),
       out_specs=(P(rows), P(rows)),
       axis_names={_VOCAB_AXIS, *token_axes},
-      # After the all_gather every vocab shard holds the same candidates and
-      # picks the same k-th one; the checker cannot see that.
+      # After the all_gather every vocab shard holds the same candidates and picks the same k-th one; the checker cannot
+      # see that.
       check_vma=False)(x_CxV)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The chunked scan and its custom VJP.
 
 
 def _mask_columns(logits_CxV, vocab):
@@ -190,8 +185,7 @@ def _matmul(a_CxD, b_DxV):
 def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N, keep_N, with_grad):
   """Loss sums (and with_grad, their gradients) over all chunks of tokens.
 
-  Returns (weighted_sum, aux, dh_NxDs, dW_DsxV); the gradients are None
-  without with_grad.
+  Returns (weighted_sum, aux, dh_NxDs, dW_DsxV); the gradients are None without with_grad.
   """
   f32 = jnp.float32
   n, c, k_chunks = spec.n_tokens, spec.chunk, spec.n_chunks
@@ -210,9 +204,8 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
 
   def strided(x_Nx):
     # [N, ...] -> [C, K, ...]: chunk k holds tokens k, K + k, 2K + k, ...
-    # Strided rather than contiguous so that tokens sharded over the data
-    # axes stay sharded along C inside every chunk; a contiguous split would
-    # put that sharding on K, the dim the loop walks over.
+    # Strided rather than contiguous so that tokens sharded over the data axes stay sharded along C inside every chunk;
+    # a contiguous split would put that sharding on K, the dim the loop walks over.
     x_Nx = jnp.pad(x_Nx, [(0, c * k_chunks - n)] + [(0, 0)] * (x_Nx.ndim - 1))
     return x_Nx.reshape((c, k_chunks) + x_Nx.shape[1:])
 
@@ -246,8 +239,8 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
     dW_TxDsxV, dh_CxKxDs, sums = carry
     keep_C = column(keep_CxK, k)
     labels_C = column(labels_CxK, k) if spec.with_labels else None
-    # Zero the masked rows' hidden states: a NaN in a padding row would
-    # otherwise reach dW through h^T @ dlogits even with dlogits = 0 there.
+    # Zero the masked rows' hidden states: a NaN in a padding row would otherwise reach dW through h^T @ dlogits even
+    # with dlogits = 0 there.
     h_s_CxDs = jnp.where(keep_C[:, None], column(h_s_CxKxDs, k), 0)
     zs_CxV = _vocab_sharded(_matmul(h_s_CxDs, head_s_DsxV), shards)
     zt_CxV = None
@@ -259,8 +252,8 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
     loss_fn = functools.partial(chunk_loss, zt_CxV=zt_CxV, labels_C=labels_C, keep_C=keep_C)
     if with_grad:
       (total, parts), dz_CxV = jax.value_and_grad(loss_fn, has_aux=True)(zs_CxV)
-      # The cotangent goes into the matmuls in the inputs' dtype, as in the
-      # unfused backward pass; products are still accumulated in float32.
+      # The cotangent goes into the matmuls in the inputs' dtype, as in the unfused backward pass; products are still
+      # accumulated in float32.
       dz_CxV = _vocab_sharded(dz_CxV.astype(compute_dtype), shards)
       dh_CxDs = jax.lax.dot_general(dz_CxV, head_s_DsxV, (((1,), (1,)), ((), ())), preferred_element_type=f32)
       # [T, C/T, *]: one group of rows per token shard (T = 1 off a mesh).
@@ -343,6 +336,10 @@ def _fused_sums_bwd(spec, residuals, cotangents):
 _fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Checks and entry points.
+
+
 def _check_hidden_and_head(hidden, head, who):
   if hidden.ndim != 2 or head.ndim != 2:
     raise ValueError(f"{who} hidden states must be [tokens, width] and the head [width, vocab], "
@@ -382,9 +379,8 @@ def _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_h
   if not with_teacher:
     h_t_NxDt = head_t_DtxV = None
   else:
-    # Only the wider head is cut, once, to the common width (its gradient is
-    # zero-padded back by the slice's transpose); beyond that, columns are
-    # masked per chunk (see _MASKED_LOGIT).
+    # Only the wider head is cut, once, to the common width (its gradient is zero-padded back by the slice's transpose);
+    # beyond that, columns are masked per chunk (see _MASKED_LOGIT).
     width = min(v_s, v_t)
     if v_s > width:
       head_s_DsxV = head_s_DsxV[:, :width]
@@ -429,50 +425,40 @@ def fused_distill_sums(student_hidden, student_head, labels, mask=None, teacher_
                        vocab_size: Optional[int] = None, teacher_top_k: Optional[int] = None, chunk_size: int = 1024):
   """KD + CE loss *sums* from hidden states, never building [N, V] logits.
 
-  ``weighted_sum = alpha * tau^2 * sum_masked D + (1 - alpha) * sum_masked CE``
-  with D the per-token divergence of ``kd_loss`` (same kinds, temperature,
-  beta, skew, vocab cut and teacher top-k) between ``softmax(h_S @ W_S / tau)``
-  and the teacher's, and CE the student's cross entropy at temperature 1 (as
-  ``cross_entropy_loss``). Sums, not means: divide by the number of real
-  tokens across micro-batches yourself.
+  `weighted_sum = alpha * tau^2 * sum_masked D + (1 - alpha) * sum_masked CE` with D the per-token divergence of
+  `kd_loss` (same kinds, temperature, beta, skew, vocab cut and teacher top-k) between `softmax(h_S @ W_S / tau)` and
+  the teacher's, and CE the student's cross entropy at temperature 1 (as `cross_entropy_loss`). Sums, not means: divide
+  by the number of real tokens across micro-batches yourself.
 
-  The tokens are processed ``chunk_size`` at a time; each chunk's logits, loss
-  and gradient are formed and dropped in the forward pass, and the backward
-  pass only scales the saved d(hidden) [N, Ds] and d(head) [Ds, Vs]. Matmuls
-  accumulate in float32 and all softmax math is float32, whatever the inputs'
-  dtype. Under a mesh whose vocab axis (``act_vocab`` in
-  ``jaxkd.sharding.LOGICAL_RULES``) is Auto, the chunk logits stay split over
-  the vocabulary (heads sharded ``P(None, <vocab axis>)``).
+  The tokens are processed `chunk_size` at a time; each chunk's logits, loss and gradient are formed and dropped in the
+  forward pass, and the backward pass only scales the saved d(hidden) [N, Ds] and d(head) [Ds, Vs]. Matmuls accumulate
+  in float32 and all softmax math is float32, whatever the inputs' dtype. Under a mesh whose vocab axis (`act_vocab` in
+  `jaxkd.sharding.LOGICAL_RULES`) is Auto, the chunk logits stay split over the vocabulary (heads sharded
+  `P(None, <vocab axis>)`).
 
   Args:
-    student_hidden: ``[N, Ds]`` final (normed) hidden states, any float dtype.
-    student_head: ``[Ds, Vs]`` output projection.
-    labels: int ``[N]`` next-token ids; out-of-range ids (e.g. -100) are fine
-      on masked-out tokens, and make the sums NaN on kept ones, as in
-      ``cross_entropy_loss``.
-    mask: ``[N]`` bool/0-1, or None for all tokens.
-    teacher_hidden, teacher_head: ``[N, Dt]`` and ``[Dt, Vt]``, or both None.
-      The teacher gets zero gradients (it is frozen).
-    alpha: KD weight. Without a teacher, or with ``alpha == 0`` as a Python
-      number, no teacher math is done at all and ``weighted_sum`` is the CE
-      sum (alpha is then ignored).
-    kind, temperature, beta, skew, vocab_size, teacher_top_k: as ``kd_loss``.
-      Python numbers or traced scalars; no gradient flows to them.
-    chunk_size: tokens per chunk (static). Temporary memory grows with
-      chunk_size * V (about 6 float32 [chunk, V] arrays plus d(head) [Ds, V]
-      in float32), matmul efficiency too; 1024 keeps a Qwen2-sized loss at
-      1/8 of the unfused one's memory (scripts/bench_loss_memory.py). Under
-      a mesh the chunk's rows are split over the token axes, so each
-      device works on chunk_size / (their size) rows: scale it up with them.
+    student_hidden: `[N, Ds]` final (normed) hidden states, any float dtype.
+    student_head: `[Ds, Vs]` output projection.
+    labels: int `[N]` next-token ids; out-of-range ids (e.g. -100) are fine on masked-out tokens, and make the sums NaN
+      on kept ones, as in `cross_entropy_loss`.
+    mask: `[N]` bool/0-1, or None for all tokens.
+    teacher_hidden, teacher_head: `[N, Dt]` and `[Dt, Vt]`, or both None. The teacher gets zero gradients (it is
+      frozen).
+    alpha: KD weight. Without a teacher, or with `alpha == 0` as a Python number, no teacher math is done at all and
+      `weighted_sum` is the CE sum (alpha is then ignored).
+    kind, temperature, beta, skew, vocab_size, teacher_top_k: as `kd_loss`. Python numbers or traced scalars; no
+      gradient flows to them.
+    chunk_size: tokens per chunk (static). Temporary memory grows with chunk_size * V (about 6 float32 [chunk, V] arrays
+      plus d(head) [Ds, V] in float32), matmul efficiency too; 1024 keeps a Qwen2-sized loss at 1/8 of the unfused one's
+      memory (scripts/bench_loss_memory.py). Under a mesh the chunk's rows are split over the token axes, so each device
+      works on chunk_size / (their size) rows: scale it up with them.
 
   Returns:
-    ``(weighted_sum, aux)``: a float32 scalar, differentiable in the
-    student's hidden states and head, and a dict of float32 scalars without
-    gradient: ``kd_sum`` (tau^2 sum D, 0 without teacher math), ``ce_sum``,
-    ``count`` (masked tokens), ``correct_sum`` (student argmax == label) and,
-    with teacher math, ``teacher_ce_sum`` (teacher CE on the labels),
-    ``agree_sum`` (same top-1 token) and ``kl1_sum`` (KL(p_T || p_S) at
-    temperature 1 over the full cut vocabulary, whatever kind/top-k).
+    `(weighted_sum, aux)`: a float32 scalar, differentiable in the student's hidden states and head, and a dict of
+    float32 scalars without gradient: `kd_sum` (tau^2 sum D, 0 without teacher math), `ce_sum`, `count` (masked tokens),
+    `correct_sum` (student argmax == label) and, with teacher math, `teacher_ce_sum` (teacher CE on the labels),
+    `agree_sum` (same top-1 token) and `kl1_sum` (KL(p_T || p_S) at temperature 1 over the full cut vocabulary, whatever
+    kind/top-k).
   """
   if labels is None:
     raise ValueError("fused_distill_sums needs labels for its CE term; for KD alone use fused_kd_loss.")
@@ -484,11 +470,10 @@ def fused_distill_sums(student_hidden, student_head, labels, mask=None, teacher_
 def fused_kd_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, *, kind: str = "forward_kl",
                   temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1, vocab_size: Optional[int] = None,
                   teacher_top_k: Optional[int] = None, chunk_size: int = 1024):
-  """``kd_loss(student_hidden @ student_head, teacher_hidden @ teacher_head, mask, ...)``
-  computed chunk by chunk, without [N, V] logits (see ``fused_distill_sums``).
+  """`kd_loss(student_hidden @ student_head, teacher_hidden @ teacher_head, mask, ...)` computed chunk by chunk,
+  without [N, V] logits (see `fused_distill_sums`).
 
-  Returns a float32 scalar, differentiable in the student's hidden states and
-  head; the teacher gets zero gradients.
+  Returns a float32 scalar, differentiable in the student's hidden states and head; the teacher gets zero gradients.
   """
   if teacher_hidden is None or teacher_head is None:
     raise ValueError("fused_kd_loss needs teacher_hidden and teacher_head.")
@@ -500,8 +485,8 @@ def fused_kd_loss(student_hidden, student_head, teacher_hidden, teacher_head, ma
 
 def fused_cross_entropy_loss(hidden, head, labels, mask=None, *, vocab_size: Optional[int] = None,
                              chunk_size: int = 1024):
-  """``cross_entropy_loss(hidden @ head, labels, mask, vocab_size=...)`` computed
-  chunk by chunk, without [N, V] logits (see ``fused_distill_sums``)."""
+  """`cross_entropy_loss(hidden @ head, labels, mask, vocab_size=...)` computed chunk by chunk, without [N, V] logits
+  (see `fused_distill_sums`)."""
   weighted, aux = fused_distill_sums(hidden, head, labels, mask, alpha=0.0, vocab_size=vocab_size,
                                      chunk_size=chunk_size)
   return weighted / jnp.maximum(aux["count"], 1.0)

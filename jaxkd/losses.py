@@ -1,22 +1,19 @@
-"""Token-level losses for knowledge distillation: KD divergences, CE, accuracy.
+"""The reference definitions of the losses: KD divergences, CE, accuracy, and the training objective built on them.
 
-Every loss here works on logits of shape ``[..., V]`` (any leading dims, e.g.
-``[B, T, V]`` or ``[N, V]``) with an optional mask of the leading shape, and
-returns a float32 scalar averaged over the masked tokens.
+Every loss here works on logits of shape `[..., V]` (any leading dims, e.g. `[B, T, V]` or `[N, V]`) with an optional
+mask of the leading shape, and returns a float32 scalar averaged over the masked tokens.
 
-The math is always done in float32, whatever the input dtype: bf16 logits are
-upcast before the softmax, because bf16 log-probabilities lose too much
-precision for a KL between two close distributions.
+The math is always done in float32, whatever the input dtype: bf16 logits are upcast before the softmax, because bf16
+log-probabilities lose too much precision for a KL between two close distributions.
 
-``per_token_divergence`` is the building block; ``kd_loss`` is just
-"divergence per token, then masked mean, times tau^2". A fused/chunked
-implementation over the vocabulary or the sequence can reuse
-``per_token_divergence`` and ``masked_sum_and_count`` per chunk and divide once
-at the end, giving the same number as ``kd_loss``.
+`per_token_divergence` is the building block; `kd_loss` is just "divergence per token, then masked mean, times tau^2". A
+fused/chunked implementation over the vocabulary or the sequence can reuse `per_token_divergence` and
+`masked_sum_and_count` per chunk and divide once at the end, giving the same number as `kd_loss`.
 
-``jaxkd.fused_loss`` does exactly that from hidden states and output heads:
-chunk by chunk over the tokens, with the gradient formed inside each chunk, so
-the full ``[N, V]`` logits of the student and the teacher never exist.
+`jaxkd.fused_loss` does exactly that from hidden states and output heads: chunk by chunk over the tokens, with the
+gradient formed inside each chunk, so the full `[N, V]` logits of the student and the teacher never exist. Its reference
+is `distill_sums`, the training objective (KD and CE sums and the step's metrics) on materialised logits, which is also
+what `distill.fused=False` trains on.
 """
 
 from __future__ import annotations
@@ -29,9 +26,8 @@ import jax.numpy as jnp
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
 
-# ---------------------------------------------------------------------------
-# Argument checks and shared preprocessing
-# ---------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# Argument checks and shared preprocessing.
 
 
 def _concrete(x):
@@ -74,11 +70,9 @@ def _check_hparams(kind, temperature, beta, skew, teacher_top_k):
 def _shared_vocab(v_a, v_b, vocab_size, names=("student", "teacher")):
   """The vocabulary both models are compared on; refuse mismatched vocab dims.
 
-  Models often pad their embedding matrix past the tokenizer's vocabulary
-  (Qwen2-7B has 152064 rows, Qwen2-1.5B 151936). The padded rows are not
-  tokens; keeping them would give them probability mass that the other model
-  cannot match, and zero-filling the shorter model would invent logits of 0,
-  i.e. real probability mass. So we only ever cut, never pad.
+  Models often pad their embedding matrix past the tokenizer's vocabulary (Qwen2-7B has 152064 rows, Qwen2-1.5B 151936).
+  The padded rows are not tokens; keeping them would give them probability mass that the other model cannot match, and
+  zero-filling the shorter model would invent logits of 0, i.e. real probability mass. So we only ever cut, never pad.
   """
   if vocab_size is None:
     if v_a != v_b:
@@ -97,7 +91,7 @@ def _shared_vocab(v_a, v_b, vocab_size, names=("student", "teacher")):
 
 
 def _cut_vocab(logits_a, logits_b, vocab_size, names=("student", "teacher")):
-  """Cut both logits to the real vocabulary (see ``_shared_vocab``)."""
+  """Cut both logits to the real vocabulary (see `_shared_vocab`)."""
   vocab = _shared_vocab(logits_a.shape[-1], logits_b.shape[-1], vocab_size, names)
   if vocab_size is None:
     return logits_a, logits_b
@@ -105,7 +99,7 @@ def _cut_vocab(logits_a, logits_b, vocab_size, names=("student", "teacher")):
 
 
 def _one_vocab(width, vocab_size):
-  """The vocabulary of a single model's logits of vocab dim ``width``."""
+  """The vocabulary of a single model's logits of vocab dim `width`."""
   if vocab_size is None:
     return width
   vocab_size = int(vocab_size)
@@ -135,9 +129,8 @@ def _check_mask(mask, leading_shape):
 def masked_sum_and_count(values_x, mask_x=None):
   """Return (sum of values over masked entries, number of masked entries).
 
-  Both are float32 scalars. Masked-out entries are removed with ``where``
-  rather than multiplied by 0, so a NaN/inf in a padding row cannot leak in.
-  Chunked implementations add these up across chunks and divide once.
+  Both are float32 scalars. Masked-out entries are removed with `where` rather than multiplied by 0, so a NaN/inf in a
+  padding row cannot leak in. Chunked implementations add these up across chunks and divide once.
   """
   values_x = values_x.astype(jnp.float32)
   if mask_x is None:
@@ -154,13 +147,12 @@ def _masked_mean(values_x, mask_x):
   return total / jnp.maximum(count, 1.0)
 
 
-# ---------------------------------------------------------------------------
-# KD divergences
-# ---------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# KD divergences.
 
 
 def _kth_largest(x_xV, k):
-  """Value and index of the k-th entry of ``lax.top_k(x_xV, k)`` along the last dim."""
+  """Value and index of the k-th entry of `lax.top_k(x_xV, k)` along the last dim."""
   val_xK, idx_xK = jax.lax.top_k(x_xV, k)
   return val_xK[..., k - 1], idx_xK[..., k - 1]
 
@@ -168,11 +160,10 @@ def _kth_largest(x_xV, k):
 def _teacher_log_probs(teacher_xV, tau, teacher_top_k, kth_largest=_kth_largest):
   """Teacher log-probs at temperature tau, and where the teacher has support.
 
-  With top-k, the teacher keeps its k largest logits and is renormalised over
-  them; the rest get log-prob -inf (probability exactly 0). Later code either
-  exponentiates them (exp(-inf) = 0, with a 0 derivative) or goes through the
-  "double where" in ``_kl_from_logs``, so the -inf never produces a NaN value
-  or gradient. ``support`` is None when every token is kept.
+  With top-k, the teacher keeps its k largest logits and is renormalised over them; the rest get log-prob -inf
+  (probability exactly 0). Later code either exponentiates them (exp(-inf) = 0, with a 0 derivative) or goes through the
+  "double where" in `_kl_from_logs`, so the -inf never produces a NaN value or gradient. `support` is None when every
+  token is kept.
   """
   if teacher_top_k is None:
     logp_t_xV = jax.nn.log_softmax(teacher_xV / tau, axis=-1)
@@ -181,11 +172,9 @@ def _teacher_log_probs(teacher_xV, tau, teacher_top_k, kth_largest=_kth_largest)
   if teacher_top_k > vocab:
     raise ValueError(f"teacher_top_k={teacher_top_k} is larger than the vocab size {vocab}; "
                      "use a k <= vocab size (or None to keep the full teacher).")
-  # Select on the undivided logits: dividing by tau > 0 keeps the order, and
-  # rounding after the division could only create extra ties.
-  # The top-k set is rebuilt from its last member (value v_k, index i_k):
-  # everything above v_k, and the ties at v_k up to index i_k, since top_k
-  # takes tied entries lowest index first. Unlike scattering the k indices,
+  # Select on the undivided logits: dividing by tau > 0 keeps the order, and rounding after the division could only
+  # create extra ties. The top-k set is rebuilt from its last member (value v_k, index i_k): everything above v_k, and
+  # the ties at v_k up to index i_k, since top_k takes tied entries lowest index first. Unlike scattering the k indices,
   # this is elementwise, so it stays local to each shard of a split vocab.
   kth_x, kth_idx_x = kth_largest(jax.lax.stop_gradient(teacher_xV), teacher_top_k)
   kth_x1, kth_idx_x1 = kth_x[..., None], kth_idx_x[..., None]
@@ -199,11 +188,10 @@ def _teacher_log_probs(teacher_xV, tau, teacher_top_k, kth_largest=_kth_largest)
 def _kl_from_logs(logp_xV, logq_xV, support_xV=None):
   """sum_v p (log p - log q), with 0 log 0 = 0 off p's support.
 
-  Off the support log p = -inf. Masking only the product is not enough: its
-  backward pass still forms 0 * (-inf) = NaN for d/dp. So log p is first
-  replaced by a harmless 0 there ("double where"), and the product masked.
-  Without a `support_xV` (teacher top-k), p's support is where log p is
-  finite: logits given as -inf (masked vocabulary columns) are off it.
+  Off the support log p = -inf. Masking only the product is not enough: its backward pass still forms 0 * (-inf) = NaN
+  for d/dp. So log p is first replaced by a harmless 0 there ("double where"), and the product masked. Without a
+  `support_xV` (teacher top-k), p's support is where log p is finite: logits given as -inf (masked vocabulary columns)
+  are off it.
   """
   if support_xV is None:
     support_xV = jnp.isfinite(logp_xV)
@@ -215,8 +203,8 @@ def _kl_from_logs(logp_xV, logq_xV, support_xV=None):
 def _log_mixture(weight_t, logp_t_xV, logp_s_xV):
   """log(w p_T + (1 - w) p_S), computed in log space (no underflow to log 0)."""
   if _concrete(weight_t) == 0.0:
-    # log(0) = -inf would work in the forward pass, but skew=0 is just the
-    # plain forward KL, so skip the mixture altogether.
+    # log(0) = -inf would work in the forward pass, but skew=0 is just the plain forward KL, so skip the mixture
+    # altogether.
     return logp_s_xV
   a_xV, b_xV = jnp.log(weight_t) + logp_t_xV, jnp.log1p(-weight_t) + logp_s_xV
   # A column off both supports (-inf in both: a masked vocabulary column) stays -inf; logaddexp's gradient
@@ -232,13 +220,12 @@ def per_token_divergence(student_logits, teacher_logits, *, kind: str = "forward
   """Divergence between teacher and student distributions, one per token.
 
   Args:
-    student_logits, teacher_logits: ``[..., V]`` arrays, same leading shape.
-    kind: one of ``KD_KINDS``; see ``kd_loss``.
-    temperature, beta, skew, teacher_top_k, vocab_size: as in ``kd_loss``.
+    student_logits, teacher_logits: `[..., V]` arrays, same leading shape.
+    kind: one of `KD_KINDS`; see `kd_loss`.
+    temperature, beta, skew, teacher_top_k, vocab_size: as in `kd_loss`.
 
   Returns:
-    float32 array of shape ``[...]`` (the leading shape). No tau^2 factor and
-    no masking -- ``kd_loss`` adds both.
+    float32 array of shape `[...]` (the leading shape). No tau^2 factor and no masking -- `kd_loss` adds both.
   """
   _check_hparams(kind, temperature, beta, skew, teacher_top_k)
   if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
@@ -251,11 +238,10 @@ def per_token_divergence(student_logits, teacher_logits, *, kind: str = "forward
 
 def _divergence(student_xV, teacher_xV, *, kind, temperature, beta, skew, teacher_top_k,
                 kth_largest=_kth_largest):
-  """``per_token_divergence`` on checked, already cut logits.
+  """`per_token_divergence` on checked, already cut logits.
 
-  kth_largest(x_xV, k) is how the teacher's top-k is selected (as
-  ``_kth_largest``); the fused loss passes one that works shard by shard
-  where the vocab dim is split over the mesh.
+  kth_largest(x_xV, k) is how the teacher's top-k is selected (as `_kth_largest`); the fused loss passes one that works
+  shard by shard where the vocab dim is split over the mesh.
   """
   student_xV = student_xV.astype(jnp.float32)
   teacher_xV = teacher_xV.astype(jnp.float32)
@@ -286,32 +272,28 @@ def kd_loss(student_logits, teacher_logits, mask=None, *, kind: str = "forward_k
             teacher_top_k: Optional[int] = None):
   """Masked-mean distillation loss, scaled by temperature^2.
 
-  ``p_T = softmax(z_T / tau)``, ``p_S = softmax(z_S / tau)`` (in float32), and
-  per token:
+  `p_T = softmax(z_T / tau)`, `p_S = softmax(z_S / tau)` (in float32), and per token:
 
-  * ``forward_kl``: KL(p_T || p_S)
-  * ``reverse_kl``: KL(p_S || p_T)
-  * ``jsd``: beta KL(p_T || m) + (1 - beta) KL(p_S || m),
-    m = beta p_T + (1 - beta) p_S, with 0 < beta < 1
-  * ``tvd``: 1/2 sum |p_T - p_S|
-  * ``skew_kl``: KL(p_T || skew p_T + (1 - skew) p_S), with 0 <= skew < 1
+  * `forward_kl`: KL(p_T || p_S)
+  * `reverse_kl`: KL(p_S || p_T)
+  * `jsd`: beta KL(p_T || m) + (1 - beta) KL(p_S || m), m = beta p_T + (1 - beta) p_S, with 0 < beta < 1
+  * `tvd`: 1/2 sum |p_T - p_S|
+  * `skew_kl`: KL(p_T || skew p_T + (1 - skew) p_S), with 0 <= skew < 1
 
-  The result is ``tau^2 * sum_masked D / max(1, n_masked)``; the tau^2 keeps
-  gradient magnitudes comparable across temperatures (Hinton et al., 2015).
+  The result is `tau^2 * sum_masked D / max(1, n_masked)`; the tau^2 keeps gradient magnitudes comparable across
+  temperatures (Hinton et al., 2015).
 
   Args:
-    student_logits, teacher_logits: ``[..., V]`` logits, any float dtype.
+    student_logits, teacher_logits: `[..., V]` logits, any float dtype.
     mask: bool/0-1 array of the leading shape, or None for all tokens.
-    vocab_size: cut both logits to their first ``vocab_size`` entries before
-      the softmax. Required when the two vocab dims differ (padded
-      embeddings); must be <= both dims.
-    teacher_top_k: keep the teacher's k most likely tokens, renormalised;
-      the student stays normalised over the whole (cut) vocabulary. Not
-      allowed with ``reverse_kl`` (the divergence would be +inf).
+    vocab_size: cut both logits to their first `vocab_size` entries before the softmax. Required when the two vocab dims
+      differ (padded embeddings); must be <= both dims.
+    teacher_top_k: keep the teacher's k most likely tokens, renormalised; the student stays normalised over the whole
+      (cut) vocabulary. Not allowed with `reverse_kl` (the divergence would be +inf).
 
   Returns:
-    float32 scalar. Differentiable in both logits; stop the teacher's
-    gradient yourself if it is not frozen by other means.
+    float32 scalar. Differentiable in both logits; stop the teacher's gradient yourself if it is not frozen by other
+    means.
   """
   d_x = per_token_divergence(student_logits, teacher_logits, kind=kind, temperature=temperature, beta=beta, skew=skew,
                              teacher_top_k=teacher_top_k, vocab_size=vocab_size)
@@ -319,9 +301,8 @@ def kd_loss(student_logits, teacher_logits, mask=None, *, kind: str = "forward_k
   return (temperature**2) * _masked_mean(d_x, mask_x)
 
 
-# ---------------------------------------------------------------------------
-# Supervised (hard-label) losses
-# ---------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# Supervised (hard-label) losses.
 
 
 def _label_logits(logits_xV, labels_x):
@@ -334,10 +315,9 @@ def _label_logits(logits_xV, labels_x):
   if not jnp.issubdtype(labels_x.dtype, jnp.integer):
     raise ValueError(f"labels must be integers, got dtype {labels_x.dtype}.")
   valid_x = (labels_x >= 0) & (labels_x < vocab)
-  # Select with a one-hot compare instead of a gather: under jit XLA fuses it
-  # into the reduction (no [..., V] one-hot is materialised), its backward is
-  # a cheap select rather than a scatter, and an out-of-range label such as
-  # the ignore index -100 simply matches nothing.
+  # Select with a one-hot compare instead of a gather: under jit XLA fuses it into the reduction (no [..., V] one-hot is
+  # materialised), its backward is a cheap select rather than a scatter, and an out-of-range label such as the ignore
+  # index -100 simply matches nothing.
   vocab_ids_V = jnp.arange(vocab, dtype=labels_x.dtype)
   hit_xV = vocab_ids_V == labels_x[..., None]
   picked_x = jnp.sum(jnp.where(hit_xV, logits_xV, 0.0), axis=-1)
@@ -347,10 +327,8 @@ def _label_logits(logits_xV, labels_x):
 def cross_entropy_loss(logits, labels, mask=None, *, vocab_size: Optional[int] = None):
   """Mean over masked tokens of -log softmax(logits)[label], in float32.
 
-  Labels outside ``[0, vocab)`` (e.g. an ignore index of -100) are fine on
-  masked-out tokens; on unmasked tokens they make the loss NaN, on purpose,
-  because the label cannot be checked inside ``jit`` and a silent wrong
-  number would be worse.
+  Labels outside `[0, vocab)` (e.g. an ignore index of -100) are fine on masked-out tokens; on unmasked tokens they make
+  the loss NaN, on purpose, because the label cannot be checked inside `jit` and a silent wrong number would be worse.
   """
   logits_xV = _cut_one(logits, vocab_size).astype(jnp.float32)
   mask_x = _check_mask(mask, logits_xV.shape[:-1])
@@ -363,8 +341,7 @@ def cross_entropy_loss(logits, labels, mask=None, *, vocab_size: Optional[int] =
 def token_accuracy(logits, labels, mask=None, *, vocab_size: Optional[int] = None):
   """Fraction of masked tokens whose argmax over the (cut) vocab is the label.
 
-  Invalid labels simply count as wrong. Returns a float32 scalar (0 when no
-  token is masked in).
+  Invalid labels simply count as wrong. Returns a float32 scalar (0 when no token is masked in).
   """
   logits_xV = _cut_one(logits, vocab_size)
   mask_x = _check_mask(mask, logits_xV.shape[:-1])
@@ -374,9 +351,8 @@ def token_accuracy(logits, labels, mask=None, *, vocab_size: Optional[int] = Non
   return _masked_mean(correct_x.astype(jnp.float32), mask_x)
 
 
-# ---------------------------------------------------------------------------
-# The training objective on materialised logits
-# ---------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
+# The training objective on materialised logits.
 
 
 def _label_nll(logp_NxV, labels_N):
