@@ -251,9 +251,11 @@ def test_fused_sums_equal_the_materialised_objective():
 
     def run(sums, **extra):
         def each(h_s, w_s):
-            return [jax.value_and_grad(lambda h, w, t=t, a=a: sums(  # noqa: E731
-                h, w, labels, mask, *t, alpha=a, **kw, **extra), argnums=(0, 1), has_aux=True)(h_s, w_s)
-                    for t, a in cases]
+            out = []
+            for t, a in cases:
+                f = lambda h, w, t=t, a=a: sums(h, w, labels, mask, *t, alpha=a, **kw, **extra)  # noqa: E731
+                out.append(jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h_s, w_s))
+            return out
         return jax.jit(each, **FAST)(h_s, w_s)
 
     got = run(fused_distill_sums, chunk_size=8)
