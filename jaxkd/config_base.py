@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from jaxkd import distributed, hidden, losses, optim
+from jaxkd import distributed, hidden, losses, optim, sharding
 from jaxkd.data import config as data_config
 from jaxkd.models import attention as attention_lib
 from jaxkd.models import hf_io
@@ -242,7 +242,7 @@ def validate(c) -> None:
     need(_get(c, key) in dtypes, key, f"use one of {', '.join(dtypes)}")
   need(c.export.dtype in dtypes or c.export.dtype is None, "export.dtype",
        f"use one of {', '.join(dtypes)}, or None (the trained parameters' dtype)")
-  for axis in ("data", "fsdp", "tensor"):
+  for axis in sharding.MESH_AXES:
     need(c.mesh[axis] >= 1 or c.mesh[axis] == -1, f"mesh.{axis}",
          "must be >= 1, or -1 for all the devices the other axes leave")
   need(c.samples.count >= 0, "samples.count", "must be >= 0 (0: no closing samples)")

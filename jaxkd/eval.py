@@ -31,7 +31,7 @@ def evaluate(model_path, data_paths, *, teacher_path=None, fmt="auto", split="tr
 
   from jaxkd import data, models, sharding, step as step_lib  # pylint: disable=import-outside-toplevel
 
-  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  mesh = sharding.make_mesh(sharding.FSDP_MESH)
   tokenizer = data.load_tokenizer(model_path)
   with jax.set_mesh(mesh):
     student = models.from_pretrained(model_path, dtype=dtype, mesh=mesh)

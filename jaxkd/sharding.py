@@ -1,8 +1,10 @@
-"""The device mesh and the one table that maps logical axis names onto it.
+"""The device mesh, the one table that maps logical axis names onto it, and every sharding made from them.
 
 Layers name logical axes only ("embed", "mlp", "act_batch", ...); `LOGICAL_RULES` is the single place that
 says which mesh axis (data, fsdp, tensor) each one is split over. A dimension whose size the mesh axes do
-not divide is replicated instead, so tiny test models and odd head counts still shard.
+not divide is replicated instead, so tiny test models and odd head counts still shard. The shardings of
+parameters (student, projector and teacher alike), optimizer state and batches are made here, and no other
+module names a mesh axis: code that needs one asks `mesh_axes_of` for a logical axis.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 from typing import Sequence
 
 import jax
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -36,6 +39,21 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_vocab": "tensor",
 }
 
+# Every device holds a slice of each parameter and of each batch's rows: the mesh that needs no settings.
+FSDP_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+def mesh_axes_of(logical: str) -> tuple[str, ...]:
+  """The mesh axes that `LOGICAL_RULES` splits the logical axis `logical` over, in order; () if replicated."""
+  if logical not in LOGICAL_RULES:
+    raise KeyError(f"logical axis {logical!r} has no entry in jaxkd.sharding.LOGICAL_RULES")
+  target = LOGICAL_RULES[logical]
+  return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+# A batch array of any rank ([B, T] ids, [B, A] alignments) is split over its rows only.
+BATCH_SPEC = P(mesh_axes_of("act_batch"))
+
 
 def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
@@ -60,8 +78,7 @@ def make_mesh(shape: dict[str, int] | Sequence[int], devices=None) -> Mesh:
 
 def batch_shards(mesh: Mesh) -> int:
   """How many ways a batch's rows are split (the mesh axes of "act_batch"): the batch must divide by it."""
-  axes = LOGICAL_RULES["act_batch"]
-  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return math.prod(mesh.shape[a] for a in mesh_axes_of("act_batch"))
 
 
 def batch_problem(mesh: Mesh, rows: int, name: str, alternative: str) -> str:
@@ -80,10 +97,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
   used: set[str] = set()
   spec = []
   for i, axis in enumerate(axes):
-    target = LOGICAL_RULES.get(axis) if axis is not None else None
-    if axis is not None and axis not in LOGICAL_RULES:
-      raise KeyError(f"logical axis {axis!r} has no entry in jaxkd.sharding.LOGICAL_RULES")
-    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    mesh_axes = mesh_axes_of(axis) if axis is not None else ()
     # A mesh axis may split only one dimension, and only axes the mesh has (size 1 ones are harmless).
     mesh_axes = tuple(a for a in mesh_axes if a not in used and (names is None or a in names))
     if mesh is not None and shape is not None and mesh_axes:
@@ -106,9 +120,44 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
-def param_shardings(mesh: Mesh, state):
-  """NamedSharding per parameter of an nnx State, from each Param's `axes` metadata."""
-  def one(var):
-    axes = var.get_metadata().get("axes") or (None,) * len(var.shape)
-    return named_sharding(mesh, axes, var.shape)
-  return jax.tree.map(one, state, is_leaf=lambda v: hasattr(v, "get_metadata"))
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Whole on every device: the step counter, optimizer counters."""
+  return NamedSharding(mesh, P())
+
+
+def module_shardings(mesh: Mesh, module) -> dict:
+  """Nested dict of NamedShardings for a module's parameters (the layout of `nnx.to_pure_dict`)."""
+  out: dict = {}
+  for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = named_sharding(mesh, var.get_metadata().get("axes"), var.shape)
+  return out
+
+
+def opt_state_shardings(mesh: Mesh, abstract_opt_state, param_sh: dict):
+  """Optimizer moments follow their parameter's sharding (matched by key path); counters are replicated."""
+  flat = {}
+
+  def collect(node, prefix=()):
+    for k, v in node.items():
+      if isinstance(v, dict):
+        collect(v, prefix + (k,))
+      else:
+        flat[prefix + (k,)] = v
+  collect(param_sh)
+  counter = replicated(mesh)
+
+  def one(path, leaf):
+    keys = tuple(getattr(p, "key", None) for p in path)
+    for n in range(len(keys)):
+      if keys[n:] in flat:
+        return flat[keys[n:]]
+    return counter
+  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+def batch_shardings(mesh: Mesh, keys) -> dict:
+  """Every batch array is split over its rows."""
+  return {k: NamedSharding(mesh, BATCH_SPEC) for k in keys}

@@ -1,4 +1,4 @@
-"""The pure train and eval steps, and the shardings they are compiled with.
+"""The pure train and eval steps (compiled with the shardings of `jaxkd.sharding`).
 
 `make_train_step` returns one jitted function: student forward, teacher forward under `stop_gradient`,
 the combined loss `hidden_weight * hidden + alpha * KD + (1 - alpha) * CE`, the gradient (accumulated
@@ -22,12 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxkd import hidden, losses
+from jaxkd import fused_loss, hidden, losses
 from jaxkd import sharding as shd
 
-BATCH_SPEC = P(("data", "fsdp"), None)
 STUDENT_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -86,43 +84,6 @@ class TrainState:
 # The objective.
 
 
-def _label_nll(logp_NxV, labels_N):
-  """-log p[label]; NaN for a label outside [0, V), as in the fused loss (take_along_axis alone would wrap a
-  negative label around to a real column and train on it)."""
-  v = logp_NxV.shape[-1]
-  picked_N = jnp.take_along_axis(logp_NxV, jnp.clip(labels_N, 0, v - 1)[:, None], axis=-1)[:, 0]
-  return jnp.where((labels_N >= 0) & (labels_N < v), -picked_N, jnp.nan)
-
-
-def _materialised_sums(s_hidden_NxD, s_head_DxV, labels_N, mask_N, t_hidden_NxD, t_head_DxV, lc: LossConfig):
-  """Reference objective on full [N, V] logits (distill.fused=False); same outputs as the fused one."""
-  s_logits_NxV = jnp.dot(s_hidden_NxD, s_head_DxV, preferred_element_type=jnp.float32)
-  if lc.vocab_size is not None:
-    s_logits_NxV = s_logits_NxV[:, :lc.vocab_size]
-  logp_NxV = jax.nn.log_softmax(s_logits_NxV)
-  keep_N = mask_N > 0
-  ce_N = _label_nll(logp_NxV, labels_N)
-  aux = {"ce_sum": jnp.sum(jnp.where(keep_N, ce_N, 0.0)), "count": jnp.sum(keep_N, dtype=jnp.float32),
-         "correct_sum": jnp.sum(keep_N & (jnp.argmax(s_logits_NxV, -1) == labels_N), dtype=jnp.float32)}
-  if t_hidden_NxD is None:
-    return aux["ce_sum"], jax.lax.stop_gradient(aux)
-  t_logits_NxV = jnp.dot(t_hidden_NxD, t_head_DxV, preferred_element_type=jnp.float32)
-  if lc.vocab_size is not None:
-    t_logits_NxV = t_logits_NxV[:, :lc.vocab_size]
-  d_N = losses.per_token_divergence(s_logits_NxV, t_logits_NxV, kind=lc.kind, temperature=lc.temperature,
-                                    beta=lc.beta, skew=lc.skew, teacher_top_k=lc.teacher_top_k)
-  kl1_N = losses.per_token_divergence(s_logits_NxV, t_logits_NxV, kind="forward_kl")
-  t_ce_N = _label_nll(jax.nn.log_softmax(t_logits_NxV), labels_N)
-  aux.update(
-      kd_sum=lc.temperature ** 2 * jnp.sum(jnp.where(keep_N, d_N, 0.0)),
-      kl1_sum=jnp.sum(jnp.where(keep_N, kl1_N, 0.0)),
-      teacher_ce_sum=jnp.sum(jnp.where(keep_N, t_ce_N, 0.0)),
-      agree_sum=jnp.sum(keep_N & (jnp.argmax(s_logits_NxV, -1) == jnp.argmax(t_logits_NxV, -1)),
-                        dtype=jnp.float32))
-  total = lc.alpha * aux["kd_sum"] + (1.0 - lc.alpha) * aux["ce_sum"]
-  return total, jax.lax.stop_gradient(aux)
-
-
 def hidden_mask(batch: dict, lc: LossConfig) -> jax.Array:
   """Positions the hidden loss averages over: trained tokens, or aligned pairs across tokenizers."""
   return batch["align_mask"] if lc.cross_tokenizer else batch["loss_mask"]
@@ -167,15 +128,15 @@ def objective(student, projector, teacher, batch: dict, lc: LossConfig, n_tokens
   if lc.logit_kd:
     t_hidden_NxD = t_out.last_hidden.reshape(-1, t_out.last_hidden.shape[-1])
     t_head = jax.lax.stop_gradient(teacher.head_kernel())
+  loss_kw = dict(alpha=lc.alpha if lc.logit_kd else 0.0, kind=lc.kind if lc.logit_kd else "forward_kl",
+                 temperature=lc.temperature, beta=lc.beta, skew=lc.skew, vocab_size=lc.vocab_size,
+                 teacher_top_k=lc.teacher_top_k)
   if lc.fused:
-    token_sum, aux = losses.fused_distill_sums(
-        s_hidden_NxD, student.head_kernel(), labels_N, mask_N, t_hidden_NxD, t_head,
-        alpha=lc.alpha if lc.logit_kd else 0.0, kind=lc.kind if lc.logit_kd else "forward_kl",
-        temperature=lc.temperature, beta=lc.beta, skew=lc.skew, vocab_size=lc.vocab_size,
-        teacher_top_k=lc.teacher_top_k, chunk_size=lc.chunk_size)
+    token_sum, aux = fused_loss.fused_distill_sums(s_hidden_NxD, student.head_kernel(), labels_N, mask_N,
+                                                    t_hidden_NxD, t_head, chunk_size=lc.chunk_size, **loss_kw)
   else:
-    token_sum, aux = _materialised_sums(s_hidden_NxD, student.head_kernel(), labels_N, mask_N, t_hidden_NxD,
-                                        t_head, lc)
+    token_sum, aux = losses.distill_sums(s_hidden_NxD, student.head_kernel(), labels_N, mask_N, t_hidden_NxD,
+                                         t_head, **loss_kw)
   if not lc.logit_kd:  # CE alone here; its weight is 1 - alpha (1 for SFT, where alpha = 0)
     token_sum = (1.0 - lc.alpha) * token_sum
   loss = token_sum / n_tokens
@@ -318,45 +279,3 @@ def make_eval_step(student_def, teacher_def, lc: LossConfig, *, projector_def=No
     return {**aux, "hidden_count": jnp.sum(hidden_mask(batch, lc) > 0, dtype=jnp.float32)}
 
   return jax.jit(eval_step, in_shardings=(param_shardings, teacher_shardings, batch_shardings))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shardings.
-
-
-def module_shardings(mesh: Mesh, module) -> dict:
-  """Nested dict of NamedShardings for a module's parameters (the layout of `nnx.to_pure_dict`)."""
-  out: dict = {}
-  for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = shd.named_sharding(mesh, var.get_metadata().get("axes"), var.shape)
-  return out
-
-
-def opt_state_shardings(mesh: Mesh, abstract_opt_state, param_sh: dict):
-  """Optimizer moments follow their parameter's sharding (matched by key path); counters are replicated."""
-  flat = {}
-
-  def collect(node, prefix=()):
-    for k, v in node.items():
-      if isinstance(v, dict):
-        collect(v, prefix + (k,))
-      else:
-        flat[prefix + (k,)] = v
-  collect(param_sh)
-  replicated = NamedSharding(mesh, P())
-
-  def one(path, leaf):
-    keys = tuple(getattr(p, "key", None) for p in path)
-    for n in range(len(keys)):
-      if keys[n:] in flat:
-        return flat[keys[n:]]
-    return replicated
-  return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
-
-
-def batch_shardings(mesh: Mesh, keys) -> dict:
-  """Every batch array is split over its rows."""
-  return {k: NamedSharding(mesh, BATCH_SPEC) for k in keys}

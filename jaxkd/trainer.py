@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxkd import checkpoint as ckpt_lib
 from jaxkd import config_base, data, distributed, hidden, models, optim, reporting, step as step_lib, tiny
@@ -120,7 +119,7 @@ class Run:
     if distributed.is_main():
       os.makedirs(self.workdir, exist_ok=True)
     distributed.barrier("jaxkd:workdir")
-    self.mesh = shd.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
+    self.mesh = shd.make_mesh(c.mesh.to_dict())
     problem = shd.batch_problem(self.mesh, c.data.batch_size, "config.data.batch_size",
                                 "set mesh.fsdp / mesh.data (and mesh.tensor) to split it fewer ways")
     if problem:
@@ -294,15 +293,15 @@ class Run:
     s_def, s_state = nnx.split(self.student)
     self.student_def = s_def
     params = {"student": nnx.to_pure_dict(s_state)}
-    param_sh = {"student": step_lib.module_shardings(self.mesh, self.student)}
+    param_sh = {"student": shd.module_shardings(self.mesh, self.student)}
     self.projector_def = None
     if self.projector is not None:
       self.projector_def, p_state = nnx.split(self.projector)
       params["projector"] = nnx.to_pure_dict(p_state)
-      param_sh["projector"] = step_lib.module_shardings(self.mesh, self.projector)
+      param_sh["projector"] = shd.module_shardings(self.mesh, self.projector)
     opt_abstract = jax.eval_shape(optimizer.init, params)
-    opt_sh = step_lib.opt_state_shardings(self.mesh, opt_abstract, param_sh)
-    replicated = NamedSharding(self.mesh, P())
+    opt_sh = shd.opt_state_shardings(self.mesh, opt_abstract, param_sh)
+    replicated = shd.replicated(self.mesh)
     self.state_sh = step_lib.TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
     if self.resume_step is not None:
       abstract = step_lib.TrainState(
@@ -326,7 +325,7 @@ class Run:
     state = self._initial_state(optimizer)
     start = int(jax.device_get(state.step))
     t_def, t_params, t_sh = self._teacher()
-    batch_sh = step_lib.batch_shardings(self.mesh, self.loss_cfg.batch_keys())
+    batch_sh = shd.batch_shardings(self.mesh, self.loss_cfg.batch_keys())
     train_step = step_lib.make_train_step(self.student_def, t_def, optimizer, lr_schedule, self.loss_cfg,
                                           projector_def=self.projector_def, state_shardings=self.state_sh,
                                           teacher_shardings=t_sh, batch_shardings=batch_sh)
@@ -448,7 +447,7 @@ class Run:
     if self.teacher is None:
       return None, None, None
     t_def, t_state = nnx.split(self.teacher)
-    return t_def, nnx.to_pure_dict(t_state), step_lib.module_shardings(self.mesh, self.teacher)
+    return t_def, nnx.to_pure_dict(t_state), shd.module_shardings(self.mesh, self.teacher)
 
   def evaluate_loaded(self) -> dict[str, float] | None:
     """Held-out metrics of the student as loaded, before any training (a baseline, or a teacher's score)."""

@@ -115,7 +115,7 @@ def init_model(cfg, mesh, *, param_dtype, dtype, remat="none", attention_impl="a
   init = lambda: nnx.to_pure_dict(nnx.state(make(), nnx.Param))  # noqa: E731
   module = nnx.eval_shape(make)
   graphdef = nnx.split(module)[0]
-  shardings = step_lib.module_shardings(mesh, module)
+  shardings = shd.module_shardings(mesh, module)
   if abstract:
     return graphdef, checkpoint.abstract_like(jax.eval_shape(init), shardings), shardings
   return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
@@ -182,10 +182,10 @@ def build(args, mesh, *, alpha: float, s_cfg, t_cfg, abstract: bool = False):
                                          seed=1, abstract=abstract)
     optimizer, lr = optim.make_optimizer(opt_config(), 1000)
     params, param_sh = {"student": s_params}, {"student": s_sh}
-    opt_sh = step_lib.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_sh = shd.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
+    rep = shd.replicated(mesh)
     state_sh = step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh)
-    batch_sh = step_lib.batch_shardings(mesh, lc.batch_keys())
+    batch_sh = shd.batch_shardings(mesh, lc.batch_keys())
     fn = step_lib.make_train_step(s_def, t_def, optimizer, lr, lc, state_shardings=state_sh,
                                   teacher_shardings=t_sh, batch_shardings=batch_sh)
     batch = synthetic_batch(args.batch, args.seq_len, vocab, args.docs_per_row)

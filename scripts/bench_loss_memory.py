@@ -34,7 +34,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxkd.losses import cross_entropy_loss, fused_distill_sums, kd_loss
+from jaxkd.fused_loss import fused_distill_sums
+from jaxkd.losses import cross_entropy_loss, kd_loss
 
 GIB = 2**30
 

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxkd import optim, step as step_lib
+from jaxkd import optim, sharding, step as step_lib
 from jaxkd.models import ModelConfig, Transformer
 
 V = 61  # the tokenizer's vocabulary: both heads are wider (64 and 72 columns) and get cut to it
@@ -49,12 +49,12 @@ def build_step(lc, mesh=None, steps=3):
   t_def, t_params = (nnx.split(teacher)[0], nnx.to_pure_dict(nnx.state(teacher))) if teacher else (None, None)
   kw = {}
   if mesh is not None:
-    param_sh = {"student": step_lib.module_shardings(mesh, student)}
-    opt_sh = step_lib.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
+    param_sh = {"student": sharding.module_shardings(mesh, student)}
+    opt_sh = sharding.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     kw = dict(state_shardings=step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh),
-              teacher_shardings=step_lib.module_shardings(mesh, teacher) if teacher else None,
-              batch_shardings=step_lib.batch_shardings(mesh, step_lib.STUDENT_KEYS))
+              teacher_shardings=sharding.module_shardings(mesh, teacher) if teacher else None,
+              batch_shardings=sharding.batch_shardings(mesh, step_lib.STUDENT_KEYS))
     params = jax.device_put(params, param_sh)
     if teacher:
       t_params = jax.device_put(t_params, kw["teacher_shardings"])

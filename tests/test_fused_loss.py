@@ -1,4 +1,4 @@
-"""Tests for the fused (chunked) KD + CE loss in jaxkd.losses.
+"""Tests for the fused (chunked) KD + CE loss in jaxkd.fused_loss.
 
 The reference is the unfused loss on materialised logits (``kd_loss`` and
 ``cross_entropy_loss`` of ``h @ W``, themselves tested against float64 NumPy in
@@ -17,12 +17,15 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxkd.losses import (
-    KD_KINDS,
-    cross_entropy_loss,
+from jaxkd.fused_loss import (
     fused_cross_entropy_loss,
     fused_distill_sums,
     fused_kd_loss,
+)
+from jaxkd.losses import (
+    KD_KINDS,
+    cross_entropy_loss,
+    distill_sums,
     kd_loss,
 )
 
@@ -237,6 +240,34 @@ def test_aux_metrics_have_no_gradient_and_ce_only_has_no_teacher_keys():
     )(h_t, w_t)
     used = {id(v) for eqn in jaxpr.jaxpr.eqns for v in eqn.invars}
     assert not used & {id(v) for v in jaxpr.jaxpr.invars}  # h_t, w_t: never read
+
+
+def test_fused_sums_equal_the_materialised_objective():
+    """losses.distill_sums (what distill.fused=False trains on) and fused_distill_sums: the same weighted sum,
+    gradient and aux sums, with a teacher (skew KL, top-k, vocab cut) and without one."""
+    h_s, w_s, h_t, w_t, labels, mask = make_inputs(9)
+    mask = mask.astype(jnp.float32)  # as the train step passes it
+    kw = dict(kind="skew_kl", temperature=2.0, beta=0.5, skew=0.2, vocab_size=VOCAB, teacher_top_k=5)
+    cases = [((h_t, w_t), 0.3), ((None, None), 0.0)]
+
+    def run(sums, **extra):
+        def each(h_s, w_s):
+            out = []
+            for t, a in cases:
+                f = lambda h, w, t=t, a=a: sums(h, w, labels, mask, *t, alpha=a, **kw, **extra)  # noqa: E731
+                out.append(jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h_s, w_s))
+            return out
+        return jax.jit(each, **FAST)(h_s, w_s)
+
+    got = run(fused_distill_sums, chunk_size=8)
+    want = run(distill_sums)
+    for i, (((value, aux), grads), ((want_value, want_aux), want_grads)) in enumerate(zip(got, want)):
+        np.testing.assert_allclose(float(value), float(want_value), rtol=2e-5, err_msg=f"case {i}")
+        for g, w in zip(grads, want_grads):
+            np.testing.assert_allclose(g, w, rtol=TOL["rtol"], atol=1e-5, err_msg=f"case {i}")
+        assert set(want_aux) <= set(aux), f"case {i}"
+        for name in want_aux:
+            np.testing.assert_allclose(float(aux[name]), float(want_aux[name]), rtol=2e-5, err_msg=f"{name}, case {i}")
 
 
 # ---------------------------------------------------------------------------

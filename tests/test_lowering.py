@@ -49,14 +49,14 @@ def _lowered_step(platform: str, *, attention="auto", mesh_shape=(1, 1, 1), rows
         ModelConfig(**cfg), dtype=jnp.bfloat16, attention=attention, remat=remat, rngs=nnx.Rngs(seed)))
                for name, cfg, seed, remat in (("student", STUDENT, 0, remat), ("teacher", TEACHER, 1, "none"))}
     (s_def, s_state), (t_def, t_state) = (nnx.split(modules[n]) for n in ("student", "teacher"))
-    s_sh, t_sh = (step_lib.module_shardings(mesh, modules[n]) for n in ("student", "teacher"))
+    s_sh, t_sh = (sharding.module_shardings(mesh, modules[n]) for n in ("student", "teacher"))
     params, param_sh = {"student": nnx.to_pure_dict(s_state)}, {"student": s_sh}
     optimizer = optax.adamw(1e-3)
-    opt_sh = step_lib.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
+    opt_sh = sharding.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_sh = step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh)
     lc = step_lib.LossConfig(alpha=0.5, vocab_size=STUDENT["vocab_size"], chunk_size=128)
-    batch_sh = step_lib.batch_shardings(mesh, lc.batch_keys())
+    batch_sh = sharding.batch_shardings(mesh, lc.batch_keys())
     fn = step_lib.make_train_step(s_def, t_def, optimizer, lambda s: 1e-3, lc, state_shardings=state_sh,
                                   teacher_shardings=t_sh, batch_shardings=batch_sh)
     state = checkpoint.abstract_like(step_lib.TrainState(

@@ -3,7 +3,7 @@
     loader = make_loader(config.data, tokenizer=tok, seq_len=2048, batch_size=256, seed=0)
     print(loader.summary())
     batch = next(loader)                 # process-local NumPy arrays, see jaxkd.data.loader
-    arrays = global_batch(batch, mesh)   # global jax.Arrays split over (data, fsdp)
+    arrays = global_batch(batch, mesh)   # global jax.Arrays split over their rows
     state = loader.get_state()           # JSON-serialisable; loader.set_state(state) resumes exactly
 
 Names are imported on first use, so tokenization worker processes (which need only jaxkd.data.encode) start

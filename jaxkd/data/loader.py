@@ -37,6 +37,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxkd import sharding as shd
 from jaxkd.data import cache as cache_lib
 from jaxkd.data import config as data_config
 from jaxkd.data import encode as encode_lib
@@ -588,7 +589,7 @@ def make_loader(data_cfg, *, tokenizer, seq_len: int, batch_size: int, seed: int
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh,
-                 spec: PartitionSpec = PartitionSpec(("data", "fsdp"))) -> dict[str, jax.Array]:
-  """Process-local batches to global jax.Arrays whose rows are split over `spec` (data x fsdp by default)."""
+                 spec: PartitionSpec = shd.BATCH_SPEC) -> dict[str, jax.Array]:
+  """Process-local batches to global jax.Arrays whose rows are split over `spec` (as the step's batches)."""
   sharding = NamedSharding(mesh, spec)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
