@@ -29,7 +29,7 @@ def evaluate(model_path, data_paths, *, teacher_path=None, fmt="auto", split="tr
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from jaxkd import data, models, sharding, step as step_lib  # pylint: disable=import-outside-toplevel
+  from jaxkd import data, models, sharding, signals, step as step_lib  # pylint: disable=import-outside-toplevel
 
   mesh = sharding.make_mesh(sharding.FSDP_MESH)
   tokenizer = data.load_tokenizer(model_path)
@@ -51,7 +51,7 @@ def evaluate(model_path, data_paths, *, teacher_path=None, fmt="auto", split="tr
                            vocab_size=len(tokenizer), chunk_size=1024)
   s_def, s_state = nnx.split(student)
   t_def, t_params = (nnx.split(teacher)[0], nnx.to_pure_dict(nnx.state(teacher))) if teacher else (None, None)
-  eval_step = step_lib.make_eval_step(s_def, t_def, lc)
+  eval_step = step_lib.make_eval_step(s_def, signals.online(t_def), lc)
 
   def batches():
     for local in loader:

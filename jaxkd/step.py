@@ -1,6 +1,7 @@
 """The pure train and eval steps (compiled with the shardings of `jaxkd.sharding`).
 
-`make_train_step` returns one jitted function: student forward, teacher forward under `stop_gradient`,
+`make_train_step` returns one jitted function: the teacher's signal (jaxkd.signals: the teacher forward, under
+`stop_gradient` and outside the differentiated function), student forward,
 the combined loss `hidden_weight * hidden + alpha * KD + (1 - alpha) * CE`, the gradient (accumulated
 over micro-batches, each normalised by the whole batch's real token count, so it equals the full-batch
 gradient), and the optimizer update.
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxkd import fused_loss, hidden, losses
+from jaxkd import fused_loss, hidden, losses, signals
 from jaxkd import sharding as shd
 
 STUDENT_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -89,10 +90,10 @@ def hidden_mask(batch: dict, lc: LossConfig) -> jax.Array:
   return batch["align_mask"] if lc.cross_tokenizer else batch["loss_mask"]
 
 
-def _hidden_sum(s_out, t_out, projector, batch, lc: LossConfig):
+def _hidden_sum(s_out, signal: signals.TeacherSignal, projector, batch, lc: LossConfig):
   s_idx = jnp.array([p[0] for p in lc.layer_pairs])
   t_idx = jnp.array([p[1] for p in lc.layer_pairs])
-  s_PxBxTxD, t_PxBxTxD = s_out.hidden_states[s_idx], t_out.hidden_states[t_idx]
+  s_PxBxTxD, t_PxBxTxD = s_out.hidden_states[s_idx], signal.hidden_states[t_idx]
   if lc.cross_tokenizer:  # compare only where a student and a teacher token end at the same character
     take = jax.vmap(lambda h_BxTxD, idx_BxA: jnp.take_along_axis(h_BxTxD, idx_BxA[..., None], axis=1),
                     in_axes=(0, None))
@@ -107,27 +108,16 @@ def _hidden_sum(s_out, t_out, projector, batch, lc: LossConfig):
   return hidden.hidden_loss_sum(s_PxNxD, t_PxNxD, mask_N, loss=lc.hidden_loss, layer_norm=lc.hidden_layer_norm)
 
 
-def objective(student, projector, teacher, batch: dict, lc: LossConfig, n_tokens, n_hidden):
+def objective(student, projector, signal: signals.TeacherSignal | None, batch: dict, lc: LossConfig, n_tokens,
+              n_hidden):
   """(loss of this (micro-)batch, aux sums); `n_tokens`, `n_hidden` are the whole batch's counts, so the
-  losses of micro-batches add up to the loss of the batch."""
-  kw = dict(segment_ids=batch["segment_ids"], positions=batch["positions"], compute_logits=False,
-            output_hidden_states=lc.uses_hidden)
-  s_out = student.forward(batch["input_ids"], **kw)
+  losses of micro-batches add up to the loss of the batch. `signal` is the teacher's (jaxkd.signals)."""
+  s_out = student.forward(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                          compute_logits=False, output_hidden_states=lc.uses_hidden)
   labels_N = batch["targets"].reshape(-1).astype(jnp.int32)
   mask_N = batch["loss_mask"].reshape(-1).astype(jnp.float32)
   s_hidden_NxD = s_out.last_hidden.reshape(-1, s_out.last_hidden.shape[-1])
-  t_out = t_hidden_NxD = t_head = None
-  if lc.uses_teacher:
-    if lc.cross_tokenizer:
-      t_kw = dict(segment_ids=batch["teacher_segment_ids"], positions=batch["teacher_positions"])
-      t_out = teacher.forward(batch["teacher_input_ids"], compute_logits=False,
-                              output_hidden_states=lc.uses_hidden, **t_kw)
-    else:
-      t_out = teacher.forward(batch["input_ids"], **kw)
-    t_out = jax.lax.stop_gradient(t_out)
-  if lc.logit_kd:
-    t_hidden_NxD = t_out.last_hidden.reshape(-1, t_out.last_hidden.shape[-1])
-    t_head = jax.lax.stop_gradient(teacher.head_kernel())
+  t_hidden_NxD, t_head = (signal.last_hidden_NxD, signal.head_DxV) if lc.logit_kd else (None, None)
   loss_kw = dict(alpha=lc.alpha if lc.logit_kd else 0.0, kind=lc.kind if lc.logit_kd else "forward_kl",
                  temperature=lc.temperature, beta=lc.beta, skew=lc.skew, vocab_size=lc.vocab_size,
                  teacher_top_k=lc.teacher_top_k)
@@ -141,7 +131,7 @@ def objective(student, projector, teacher, batch: dict, lc: LossConfig, n_tokens
     token_sum = (1.0 - lc.alpha) * token_sum
   loss = token_sum / n_tokens
   if lc.uses_hidden:
-    h_sum = _hidden_sum(s_out, t_out, projector, batch, lc)
+    h_sum = _hidden_sum(s_out, signal, projector, batch, lc)
     aux = {**aux, "hidden_sum": jax.lax.stop_gradient(h_sum)}
     loss = loss + lc.hidden_weight * h_sum / (n_hidden * len(lc.layer_pairs))
   return loss, aux
@@ -195,11 +185,14 @@ def _split_micro(batch: dict, n: int) -> dict:
   return jax.tree.map(one, batch)
 
 
-def _modules(student_def, projector_def, teacher_def, params, teacher_params, lc):
+def _modules(student_def, projector_def, params):
   student = nnx.merge(student_def, params["student"])
   projector = nnx.merge(projector_def, params["projector"]) if projector_def is not None else None
-  teacher = nnx.merge(teacher_def, teacher_params) if lc.uses_teacher else None
-  return student, projector, teacher
+  return student, projector
+
+
+def _signal(teacher, teacher_input, batch, lc: LossConfig):
+  return teacher(teacher_input, batch, lc) if lc.uses_teacher else None
 
 
 def _schedule_count(opt_state, step):
@@ -210,34 +203,38 @@ def _schedule_count(opt_state, step):
   return states[0].count if states else step
 
 
-def make_train_step(student_def, teacher_def, optimizer: optax.GradientTransformation, lr_schedule,
-                    lc: LossConfig, *, projector_def=None, state_shardings=None, teacher_shardings=None,
-                    batch_shardings=None):
-  """The jitted `train_step(state, teacher_params, batch) -> (state, metrics)`.
+def make_train_step(student_def, teacher: signals.TeacherSource | None, optimizer: optax.GradientTransformation,
+                    lr_schedule, lc: LossConfig, *, projector_def=None, state_shardings=None,
+                    teacher_shardings=None, batch_shardings=None):
+  """The jitted `train_step(state, teacher_input, batch) -> (state, metrics)`; `teacher` makes the teacher's
+  signal from `teacher_input` (for `signals.OnlineTeacher`, the teacher's parameters).
 
   A step whose loss or gradients hold NaN or Inf returns the parameters and optimizer state unchanged (the
   step counter still advances) with metrics["nonfinite"] = 1.
   """
 
-  def loss_fn(params, teacher_params, micro, n_tokens, n_hidden):
-    student, projector, teacher = _modules(student_def, projector_def, teacher_def, params, teacher_params, lc)
-    return objective(student, projector, teacher, micro, lc, n_tokens, n_hidden)
+  def loss_fn(params, signal, micro, n_tokens, n_hidden):
+    student, projector = _modules(student_def, projector_def, params)
+    return objective(student, projector, signal, micro, lc, n_tokens, n_hidden)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, teacher_params, batch):
+  def train_step(state: TrainState, teacher_input, batch):
     n_tokens, n_hidden = batch_counts(batch, lc)
     if lc.micro_batches == 1:
-      (loss, aux), grads = grad_fn(state.params, teacher_params, batch, n_tokens, n_hidden)
+      signal = _signal(teacher, teacher_input, batch, lc)
+      (loss, aux), grads = grad_fn(state.params, signal, batch, n_tokens, n_hidden)
     else:
       micro = _split_micro(batch, lc.micro_batches)
       first = jax.tree.map(lambda x: x[0], micro)
-      aux_shape = jax.eval_shape(lambda: loss_fn(state.params, teacher_params, first, n_tokens, n_hidden)[1])
+      aux_shape = jax.eval_shape(lambda: loss_fn(state.params, _signal(teacher, teacher_input, first, lc), first,
+                                                 n_tokens, n_hidden)[1])
       zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params), jnp.float32(0),
                jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape))
 
       def accumulate(carry, mb):
-        (l, a), g = grad_fn(state.params, teacher_params, mb, n_tokens, n_hidden)
+        signal = _signal(teacher, teacher_input, mb, lc)  # per micro-batch: only its share is ever held
+        (l, a), g = grad_fn(state.params, signal, mb, n_tokens, n_hidden)
         acc_g, acc_l, acc_a = carry
         return (jax.tree.map(lambda x, y: x + y.astype(jnp.float32), acc_g, g), acc_l + l,
                 jax.tree.map(jnp.add, acc_a, a)), None
@@ -268,14 +265,15 @@ def make_train_step(student_def, teacher_def, optimizer: optax.GradientTransform
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def make_eval_step(student_def, teacher_def, lc: LossConfig, *, projector_def=None, param_shardings=None,
-                   teacher_shardings=None, batch_shardings=None):
-  """The jitted `eval_step(params, teacher_params, batch) -> aux sums` (with "hidden_count"), to add up."""
+def make_eval_step(student_def, teacher: signals.TeacherSource | None, lc: LossConfig, *, projector_def=None,
+                   param_shardings=None, teacher_shardings=None, batch_shardings=None):
+  """The jitted `eval_step(params, teacher_input, batch) -> aux sums` (with "hidden_count"), to add up."""
 
-  def eval_step(params, teacher_params, batch):
-    student, projector, teacher = _modules(student_def, projector_def, teacher_def, params, teacher_params, lc)
+  def eval_step(params, teacher_input, batch):
+    student, projector = _modules(student_def, projector_def, params)
     _, n_hidden = batch_counts(batch, lc)
-    _, aux = objective(student, projector, teacher, batch, lc, jnp.float32(1), n_hidden)
+    signal = _signal(teacher, teacher_input, batch, lc)
+    _, aux = objective(student, projector, signal, batch, lc, jnp.float32(1), n_hidden)
     return {**aux, "hidden_count": jnp.sum(hidden_mask(batch, lc) > 0, dtype=jnp.float32)}
 
   return jax.jit(eval_step, in_shardings=(param_shardings, teacher_shardings, batch_shardings))

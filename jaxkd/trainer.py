@@ -20,7 +20,6 @@ What a run survives:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -29,11 +28,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
 from jaxkd import checkpoint as ckpt_lib
-from jaxkd import config_base, data, distributed, hidden, models, optim, reporting, step as step_lib, tiny
+from jaxkd import config_base, data, distributed, hidden, models, optim, reporting, signals, step as step_lib, tiny
 from jaxkd import samples as samples_lib
+from jaxkd import workdir as workdir_lib
 from jaxkd import sharding as shd
 
 log = logging.getLogger("jaxkd")
@@ -43,69 +43,12 @@ NonFiniteError = ckpt_lib.NonFiniteError
 EXPECTED_ERRORS = (config_base.ConfigError, ckpt_lib.CheckpointError, NonFiniteError, data.DataError,
                    models.WeightsError, models.UnsupportedConfigError, FileNotFoundError)
 
-# Settings that do not change what a run computes: its bookkeeping, where it runs and on how many devices
-# (a checkpoint restores onto any mesh), the non-finite policy and test hooks. A workdir's run may be
-# resumed with other values of these; any other difference is a different run. `steps` joins the identity
-# when the learning-rate schedule decays over it (cosine, linear): changing it mid-run would change every
-# later learning rate, so only a constant schedule can be extended.
-NOT_IDENTITY = ("workdir", "log_every", "progress", "checkpoint_every", "max_to_keep", "eval_every", "overwrite",
-                "nonfinite", "export.", "debug.", "distributed.", "mesh.", "data.cache_dir", "data.num_workers",
-                "data.encode_chunk", "data.prefetch", "data.eval_batches", "samples.",
-                # how the same numbers are computed: a run may resume on another chip or memory budget
-                "student.attention", "teacher.attention", "student.remat")
-
-
 class Preempted(Exception):
   """A SIGTERM stopped the run after saving `step`; rerunning the same command resumes from there."""
 
   def __init__(self, step: int, directory: str):
     super().__init__(f"preempted: saved checkpoint step {step} in {directory}; rerun the same command to resume")
     self.step = step
-
-
-def config_dict(config) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
-def run_identity(cfg: dict, *, with_steps: bool) -> dict:
-  """The settings of a config dict that define its run (see NOT_IDENTITY), flattened to dotted keys."""
-  flat = {k: v for k, v in traverse_util.flatten_dict(cfg, sep=".").items() if not any(k == n or (n.endswith(".") and k.startswith(n))
-                                                         for n in NOT_IDENTITY)}
-  if not with_steps:
-    flat.pop("steps", None)
-  return flat
-
-
-def config_diff(stored: dict, current: dict) -> list[tuple[str, Any, Any]]:
-  """[(key, stored value, current value)] of the identity settings that differ."""
-  decays = lambda cfg: cfg.get("optimizer", {}).get("schedule", "cosine") != "constant"
-  with_steps = decays(stored) or decays(current)
-  a, b = run_identity(stored, with_steps=with_steps), run_identity(current, with_steps=with_steps)
-  same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)
-  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not same(a.get(k), b.get(k))]
-
-
-class _ProcessLoaders:
-  """debug.data_processes = k on one process: the data read as processes 0..k-1 of a k-process run would
-  read it, rows concatenated in process order, which is how that run lays out its global batch (process
-  0's devices come first in the mesh). A test hook that lets one process reproduce a k-process run."""
-
-  def __init__(self, make, k: int):
-    self.parts = [make(i, k) for i in range(k)]
-
-  def __next__(self) -> dict:
-    batches = [next(p) for p in self.parts]
-    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
-
-  def get_state(self) -> list:
-    return [p.get_state() for p in self.parts]
-
-  def set_state(self, states: list) -> None:
-    for p, s in zip(self.parts, states):
-      p.set_state(s)
-
-  def summary(self) -> str:
-    return "\n".join(p.summary() for p in self.parts)
 
 
 class Run:
@@ -124,8 +67,7 @@ class Run:
                                 "set mesh.fsdp / mesh.data (and mesh.tensor) to split it fewer ways")
     if problem:
       raise config_base.ConfigError(problem)
-    self.ckpt = self._checkpointer()
-    self._claim_workdir()
+    self.ckpt = workdir_lib.claim(self.workdir, c, self._checkpointer(), self._checkpointer)
     # With checkpoints present the run resumes (or fails loudly): it never starts afresh over them.
     self.resume_step = self.ckpt.latest_step()
     if self.resume_step is not None and self.resume_step > c.steps:
@@ -191,7 +133,7 @@ class Run:
         raise config_base.ConfigError(
             f"config.debug.data_processes={c.debug.data_processes}: only for a single process (it imitates "
             f"several); this run already has {jax.process_count()}")
-      make = lambda split: _ProcessLoaders(
+      make = lambda split: data.ImitatedProcesses(
           lambda i, k: data.make_loader(c.data, split=split, process_index=i, process_count=k, **kw),
           self.data_processes)
     else:
@@ -204,57 +146,10 @@ class Run:
       log.warning("no evaluation: %s", e)
       self.eval_loader = None
 
-  # --------------------------------------------------------------------------------------------------
-  # The workdir.
-
   def _checkpointer(self) -> ckpt_lib.Checkpointer:
     c = self.config
     return ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints"), max_to_keep=c.max_to_keep,
                                  save_delay_s=float(c.debug.save_delay_s))
-
-  def _stored_config(self) -> tuple[dict, str] | None:
-    """(config dict, where it was read) of the run already in the workdir, or None for a new workdir."""
-    path = os.path.join(self.workdir, "config.json")
-    if not self.ckpt.all_steps():
-      return None  # a run that ended before its first checkpoint: nothing to resume, so nothing to protect
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f), path
-    for step in reversed(self.ckpt.all_steps()):  # a workdir from before config.json, or one that lost it
-      try:
-        meta = self.ckpt.read_meta(step)
-      except Exception:  # noqa: BLE001  (a damaged checkpoint: the restore reports it)
-        continue
-      if "config" in meta:
-        return meta["config"], self.ckpt.step_dir(step)
-    return None
-
-  def _claim_workdir(self) -> None:
-    """Refuses a workdir that holds a run of another config, or moves that run aside (overwrite=True)."""
-    stored = self._stored_config()
-    if stored is None:
-      return
-    diff = config_diff(stored[0], config_dict(self.config))
-    if not diff:
-      return
-    shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:8]) + ("; ..." if len(diff) > 8 else "")
-    if any(k == "steps" for k, _, _ in diff):
-      shown += (" (steps is part of a run whose learning rate decays over it: changing it mid-run would change "
-                "every later learning rate; only optimizer.schedule=\"constant\" runs can be extended)")
-    aside = f"{self.workdir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not self.config.overwrite:
-      raise config_base.ConfigError(
-          f"workdir {self.workdir} holds a run of a different config ({stored[1]}): {len(diff)} setting(s) "
-          f"differ: {shown}. Resume it with its own settings, use another workdir, or set overwrite=True to "
-          f"move the old run to {self.workdir}.replaced-<time> and start afresh")
-    self.ckpt.close()
-    if distributed.is_main():
-      os.rename(self.workdir, aside)
-      os.makedirs(self.workdir)
-    distributed.barrier("jaxkd:overwrite")
-    log.warning("overwrite=True: the run of a different config in %s (%s) was moved to %s; starting afresh",
-                self.workdir, shown, aside)
-    self.ckpt = self._checkpointer()
 
   def _load(self, path, dtype, compute_dtype, remat, attention, *, abstract: bool):
     if not abstract:
@@ -326,16 +221,16 @@ class Run:
     start = int(jax.device_get(state.step))
     t_def, t_params, t_sh = self._teacher()
     batch_sh = shd.batch_shardings(self.mesh, self.loss_cfg.batch_keys())
-    train_step = step_lib.make_train_step(self.student_def, t_def, optimizer, lr_schedule, self.loss_cfg,
+    train_step = step_lib.make_train_step(self.student_def, signals.online(t_def), optimizer, lr_schedule, self.loss_cfg,
                                           projector_def=self.projector_def, state_shardings=self.state_sh,
                                           teacher_shardings=t_sh, batch_shardings=batch_sh)
-    self.eval_step = step_lib.make_eval_step(self.student_def, t_def, self.loss_cfg,
+    self.eval_step = step_lib.make_eval_step(self.student_def, signals.online(t_def), self.loss_cfg,
                                              projector_def=self.projector_def, param_shardings=self.state_sh.params,
                                              teacher_shardings=t_sh, batch_shardings=batch_sh)
     self.t_params = t_params
-    self.meta = {"config": config_dict(c), "data_processes": self.data_processes}
+    self.meta = {"config": workdir_lib.config_dict(c), "data_processes": self.data_processes}
     if distributed.is_main():  # what the workdir holds, for the next start to compare with (_claim_workdir)
-      ckpt_lib.write_json(os.path.join(self.workdir, "config.json"), config_dict(c))
+      ckpt_lib.write_json(os.path.join(self.workdir, "config.json"), workdir_lib.config_dict(c))
     if start == 0:
       log.info("%s", self.loader.summary())
     else:
@@ -420,7 +315,7 @@ class Run:
 
   def _data_states(self) -> list:
     """The data position of every process (or imitated process), in process order."""
-    if isinstance(self.loader, _ProcessLoaders):
+    if isinstance(self.loader, data.ImitatedProcesses):
       return self.loader.get_state()
     return distributed.gather_json(self.loader.get_state())
 
@@ -430,7 +325,7 @@ class Run:
           f"the checkpoint's data position was saved by {len(states)} process(es) but this run reads the data as "
           f"{self.data_processes}; each process reads its own share of the rows, so resume with "
           f"distributed.num_processes={len(states)}")
-    if isinstance(self.loader, _ProcessLoaders):
+    if isinstance(self.loader, data.ImitatedProcesses):
       self.loader.set_state(states)
     else:
       self.loader.set_state(states[jax.process_index()])
@@ -453,7 +348,7 @@ class Run:
     """Held-out metrics of the student as loaded, before any training (a baseline, or a teacher's score)."""
     self.student_def, s_state = nnx.split(self.student)
     t_def, self.t_params, _ = self._teacher()
-    self.eval_step = step_lib.make_eval_step(self.student_def, t_def, self.loss_cfg)
+    self.eval_step = step_lib.make_eval_step(self.student_def, signals.online(t_def), self.loss_cfg)
     with jax.set_mesh(self.mesh):
       return self.evaluate({"student": nnx.to_pure_dict(s_state)})
 

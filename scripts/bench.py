@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxkd import checkpoint, optim, step as step_lib, tiny
+from jaxkd import checkpoint, optim, signals, step as step_lib, tiny
 from jaxkd import sharding as shd
 from jaxkd.models import Transformer, attention, config_from_hf, hf_io
 from jaxkd.models.presets import PRESETS
@@ -186,7 +186,7 @@ def build(args, mesh, *, alpha: float, s_cfg, t_cfg, abstract: bool = False):
     rep = shd.replicated(mesh)
     state_sh = step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh)
     batch_sh = shd.batch_shardings(mesh, lc.batch_keys())
-    fn = step_lib.make_train_step(s_def, t_def, optimizer, lr, lc, state_shardings=state_sh,
+    fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lr, lc, state_shardings=state_sh,
                                   teacher_shardings=t_sh, batch_shardings=batch_sh)
     batch = synthetic_batch(args.batch, args.seq_len, vocab, args.docs_per_row)
     if abstract:

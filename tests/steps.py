@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxkd import optim, sharding, step as step_lib
+from jaxkd import optim, sharding, signals, step as step_lib
 from jaxkd.models import ModelConfig, Transformer
 
 V = 61  # the tokenizer's vocabulary: both heads are wider (64 and 72 columns) and get cut to it
@@ -59,5 +59,5 @@ def build_step(lc, mesh=None, steps=3):
     if teacher:
       t_params = jax.device_put(t_params, kw["teacher_shardings"])
   state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
-  fn = step_lib.make_train_step(s_def, t_def, optimizer, lr, lc, **kw)
+  fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lr, lc, **kw)
   return fn, state, t_params

@@ -42,6 +42,7 @@ import pytest
 
 from jaxkd import checkpoint as ckpt_lib
 from jaxkd import config_base, data, models, tiny, trainer
+from jaxkd import workdir as workdir_lib
 from tests import hf_models, runs
 from tests.runs import load_config
 
@@ -177,7 +178,7 @@ def test_a_run_that_stopped_before_its_first_checkpoint_does_not_hold_the_workdi
   workdir = tmp_path / "run"
   os.makedirs(workdir / "checkpoints")
   ckpt_lib.write_json(str(workdir / "config.json"),
-                      trainer.config_dict(load_config(workdir=str(workdir), **SHORT, **{"optimizer.lr": 3e-3})))
+                      workdir_lib.config_dict(load_config(workdir=str(workdir), **SHORT, **{"optimizer.lr": 3e-3})))
   run = trainer.Run(load_config(workdir=str(workdir), **SHORT, **{"optimizer.lr": 1e-3}))
   assert run.resume_step is None
 
@@ -194,11 +195,11 @@ def test_steps_below_the_newest_checkpoint_are_refused(tmp_path):
 
 
 def test_constant_schedule_runs_may_be_extended():
-  stored = trainer.config_dict(load_config(**{"optimizer.schedule": "constant", "steps": 2}))
-  longer = trainer.config_dict(load_config(**{"optimizer.schedule": "constant", "steps": 4}))
-  assert trainer.config_diff(stored, longer) == []
-  decaying = trainer.config_dict(load_config(steps=4))
-  assert ("optimizer.schedule", "constant", "cosine") in trainer.config_diff(stored, decaying)
+  stored = workdir_lib.config_dict(load_config(**{"optimizer.schedule": "constant", "steps": 2}))
+  longer = workdir_lib.config_dict(load_config(**{"optimizer.schedule": "constant", "steps": 4}))
+  assert workdir_lib.config_diff(stored, longer) == []
+  decaying = workdir_lib.config_dict(load_config(steps=4))
+  assert ("optimizer.schedule", "constant", "cosine") in workdir_lib.config_diff(stored, decaying)
 
 
 # --------------------------------------------------------------------------------------------------------

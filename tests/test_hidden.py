@@ -12,7 +12,7 @@ import torch
 import transformers as tf
 from flax import nnx
 
-from jaxkd import hidden, optim, step as step_lib, trainer
+from jaxkd import hidden, optim, signals, step as step_lib, trainer
 from jaxkd.models import ModelConfig, Transformer
 from tests.runs import load_config
 from tests.steps import optimizer_config, packed_batch
@@ -66,8 +66,8 @@ def test_projection_receives_gradients_and_changes():
   params = {"student": nnx.to_pure_dict(nnx.state(student)), "projector": nnx.to_pure_dict(nnx.state(projector))}
   t_params = nnx.to_pure_dict(nnx.state(teacher))
   optimizer, lr = optim.make_optimizer(optimizer_config(warmup_steps=0), 4)
-  fn = step_lib.make_train_step(nnx.split(student)[0], nnx.split(teacher)[0], optimizer, lr, lc,
-                                projector_def=nnx.split(projector)[0])
+  fn = step_lib.make_train_step(nnx.split(student)[0], signals.OnlineTeacher(nnx.split(teacher)[0]), optimizer,
+                                lr, lc, projector_def=nnx.split(projector)[0])
   state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
   before = jax.tree.map(np.array, params["projector"])
   losses = []
@@ -79,10 +79,11 @@ def test_projection_receives_gradients_and_changes():
   assert all(v > 0 for v in jax.tree.leaves(changed)), changed
   assert losses[-1] < losses[0]
   # The gradient reaches the projection: its norm is part of the step's gradient.
+  batch = jax.tree.map(jnp.asarray, packed_batch(1))
+  signal = signals.OnlineTeacher(nnx.split(teacher)[0])(t_params, batch, lc)
   grads = jax.grad(lambda p: step_lib.objective(
       nnx.merge(nnx.split(student)[0], p["student"]), nnx.merge(nnx.split(projector)[0], p["projector"]),
-      nnx.merge(nnx.split(teacher)[0], t_params), jax.tree.map(jnp.asarray, packed_batch(1)), lc, 1.0, 1.0)[0])(
-      state.params)
+      signal, batch, lc, 1.0, 1.0)[0])(state.params)
   assert float(jnp.abs(grads["projector"]["proj"]["kernel"]).max()) > 0
 
 

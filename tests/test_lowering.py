@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxkd import checkpoint, sharding, step as step_lib
+from jaxkd import checkpoint, sharding, signals, step as step_lib
 from jaxkd.models import ModelConfig, Transformer
 from jaxkd.models import attention as attn
 
@@ -57,7 +57,7 @@ def _lowered_step(platform: str, *, attention="auto", mesh_shape=(1, 1, 1), rows
     state_sh = step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh)
     lc = step_lib.LossConfig(alpha=0.5, vocab_size=STUDENT["vocab_size"], chunk_size=128)
     batch_sh = sharding.batch_shardings(mesh, lc.batch_keys())
-    fn = step_lib.make_train_step(s_def, t_def, optimizer, lambda s: 1e-3, lc, state_shardings=state_sh,
+    fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lambda s: 1e-3, lc, state_shardings=state_sh,
                                   teacher_shardings=t_sh, batch_shardings=batch_sh)
     state = checkpoint.abstract_like(step_lib.TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=params,

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxkd import step as step_lib
+from jaxkd import signals, step as step_lib
 from jaxkd.models import ModelConfig, Transformer
 from jaxkd.models.transformer import REMAT_POLICIES
 from tests.steps import packed_batch
@@ -34,7 +34,7 @@ def _lowered_lines(layers: int) -> int:
   optimizer = optax.adamw(1e-3)
   state = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=jax.eval_shape(optimizer.init, params))
-  fn = step_lib.make_train_step(s_def, t_def, optimizer, lambda s: 1e-3,
+  fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lambda s: 1e-3,
                                 step_lib.LossConfig(alpha=0.5, vocab_size=60, chunk_size=16))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch())
   return len(fn.lower(state, nnx.to_pure_dict(t_state), batch).as_text().splitlines())

@@ -11,6 +11,7 @@ import torch
 import transformers as tf
 
 from jaxkd import config_base, data, models, tiny, trainer
+from jaxkd import workdir as workdir_lib
 from tests.runs import ROOT, command, load_config
 
 
@@ -81,7 +82,7 @@ def test_attention_and_remat_settings_reach_both_models(tmp_path):
   run = trainer.Run(load_config(**overrides))
   assert (run.student.attention, run.teacher.attention, run.student.remat) == ("xla", "xla", "full")
   # They say how, not what, is computed: a run may resume under other values (another chip, less memory).
-  assert not trainer.config_diff(trainer.config_dict(load_config()), trainer.config_dict(run.config))
+  assert not workdir_lib.config_diff(workdir_lib.config_dict(load_config()), workdir_lib.config_dict(run.config))
 
 
 def test_sequence_longer_than_the_model_is_refused(tmp_path):

@@ -18,7 +18,7 @@ _EXPORTS = {
     "CHATML_TEMPLATE": "encode", "resolve_template": "encode", "teacher_template": "encode",
     "FORMATS": "formats", "BadRow": "formats", "Conversation": "formats", "DataError": "formats",
     "Text": "formats", "detect_format": "formats", "to_example": "formats",
-    "Loader": "loader", "global_batch": "loader", "make_loader": "loader",
+    "ImitatedProcesses": "loader", "Loader": "loader", "global_batch": "loader", "make_loader": "loader",
     "Prompt": "prompts", "held_out_prompts": "prompts",
     "load_tokenizer": "tokenizer", "same_tokenizer": "tokenizer", "tokenizer_fingerprint": "tokenizer",
 }

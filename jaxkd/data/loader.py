@@ -558,6 +558,29 @@ class Loader:
     return "\n".join(lines)
 
 
+class ImitatedProcesses:
+  """debug.data_processes = k on one process: the data read as processes 0..k-1 of a k-process run would
+  read it, rows concatenated in process order, which is how that run lays out its global batch (process
+  0's devices come first in the mesh). A test hook that lets one process reproduce a k-process run."""
+
+  def __init__(self, make, k: int):
+    self.parts = [make(i, k) for i in range(k)]
+
+  def __next__(self) -> dict:
+    batches = [next(p) for p in self.parts]
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+  def get_state(self) -> list:
+    return [p.get_state() for p in self.parts]
+
+  def set_state(self, states: list) -> None:
+    for p, s in zip(self.parts, states):
+      p.set_state(s)
+
+  def summary(self) -> str:
+    return "\n".join(p.summary() for p in self.parts)
+
+
 def _stack_rows(rows: list[dict], n_rows: int, lengths: Lengths) -> dict:
   """Rows to a batch; a short last batch is filled with empty rows so every batch has the same shape."""
   missing = n_rows - len(rows)
