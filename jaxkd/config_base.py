@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from jaxkd import distributed, hidden, losses, optim, sharding
+from jaxkd import distributed, hidden, losses, optim, sharding, step
 from jaxkd.data import config as data_config
 from jaxkd.models import attention as attention_lib
 from jaxkd.models import hf_io
@@ -267,7 +267,7 @@ def validate(c) -> None:
   need(c.optimizer.lr >= 0, "optimizer.lr", "must be >= 0")
   need(c.data.seq_len >= 2, "data.seq_len", "must be >= 2")
   need(bool(c.student.path), "student.path", "is empty; set it to an HF folder, a hub id or tiny:student")
-  if (c.distill.alpha > 0 and c.distill.kind != "hidden") or c.distill.hidden.weight > 0:
+  if step.loss_config(c).uses_teacher:
     need(bool(c.teacher.path), "teacher.path", "is empty but distillation needs a teacher "
          "(or set distill.alpha=0 and distill.hidden.weight=0 for plain SFT)")
 

@@ -29,7 +29,8 @@ def evaluate(model_path, data_paths, *, teacher_path=None, fmt="auto", split="tr
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from jaxkd import data, models, sharding, signals, step as step_lib  # pylint: disable=import-outside-toplevel
+  from jaxkd import config_base, data, models, sharding, signals  # pylint: disable=import-outside-toplevel
+  from jaxkd import step as step_lib  # pylint: disable=import-outside-toplevel
 
   mesh = sharding.make_mesh(sharding.FSDP_MESH)
   tokenizer = data.load_tokenizer(model_path)
@@ -40,15 +41,18 @@ def evaluate(model_path, data_paths, *, teacher_path=None, fmt="auto", split="tr
     raise ValueError(f"{teacher_path} has another tokenizer than {model_path}: token-level agreement and KL "
                      "need a shared tokenizer; evaluate without --teacher")
   for name, model in (("model", student), ("teacher", teacher)):
-    if model is not None and seq_len > model.cfg.max_position_embeddings:
-      raise ValueError(f"--seq_len {seq_len} is longer than the {name}'s max_position_embeddings="
-                       f"{model.cfg.max_position_embeddings}: past it the positions are untrained; lower --seq_len")
+    problem = model and model.cfg.too_long(seq_len, what=f"--seq_len {seq_len}", name=name, fix="lower --seq_len")
+    if problem:
+      raise ValueError(problem)
   cfg = data.default_data_config()
   cfg.sources = [dict(path=p, eval_split=split) for p in data_paths]
   cfg.format = fmt
   loader = data.make_loader(cfg, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=0, split="eval")
-  lc = step_lib.LossConfig(alpha=0.5 if teacher is not None else 0.0, temperature=temperature,
-                           vocab_size=len(tokenizer), chunk_size=1024)
+  run_cfg = config_base.base_config()  # the loss settings a run would use, but for these two
+  run_cfg.distill.temperature = temperature
+  if teacher is None:
+    run_cfg.distill.alpha = 0.0
+  lc = step_lib.loss_config(run_cfg, vocab_size=len(tokenizer))
   s_def, s_state = nnx.split(student)
   t_def, t_params = (nnx.split(teacher)[0], nnx.to_pure_dict(nnx.state(teacher))) if teacher else (None, None)
   eval_step = step_lib.make_eval_step(s_def, signals.online(t_def), lc)

@@ -38,9 +38,10 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids=()
              vocab_size: int | None = None) -> list[list[int]]:
   """New token ids for each prompt (stopping at an eos id, which is kept), as lists."""
   b, p = len(prompts), max(len(x) for x in prompts)
-  if p + max_new_tokens > model.cfg.max_position_embeddings:
-    raise ValueError(f"prompt ({p}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                     f"max_position_embeddings={model.cfg.max_position_embeddings}")
+  problem = model.cfg.too_long(p + max_new_tokens, what=f"prompt ({p}) + max_new_tokens ({max_new_tokens})",
+                               name="model", fix="shorten the prompt or lower max_new_tokens")
+  if problem:
+    raise ValueError(problem)
   ids = np.zeros((b, p), np.int32)
   mask = np.zeros((b, p), np.int32)
   for i, x in enumerate(prompts):  # left padding: every row's next token goes to the same slot

@@ -32,26 +32,29 @@ STUDENT_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Static settings of the objective (hashable: they are baked into the compiled step).
+  """Static settings of the objective (hashable: they are baked into the compiled step). Built from a run's
+  config by `loss_config`, the one place: the defaults are the config's (jaxkd/config_base.py).
 
   loss = hidden_weight * hidden + alpha * KD + (1 - alpha) * CE, where kind="hidden" means no logit KD.
   """
 
-  alpha: float = 0.5
-  kind: str = "forward_kl"  # a losses.KD_KINDS entry, or "hidden" for no logit distillation
-  temperature: float = 1.0
-  beta: float = 0.5
-  skew: float = 0.1
-  teacher_top_k: int | None = None
+  alpha: float
+  kind: str  # a losses.KD_KINDS entry, or "hidden" for no logit distillation
+  temperature: float
+  beta: float
+  skew: float
+  teacher_top_k: int | None
+  fused: bool
+  chunk_size: int
+  micro_batches: int
+  hidden_weight: float
+  hidden_loss: str
+  hidden_layer_norm: bool
+  # Known once the models and tokenizers are: the vocabulary compared, the hidden layers paired, and whether
+  # the teacher reads its own tokens (hidden states then meet at aligned positions).
   vocab_size: int | None = None
-  fused: bool = True
-  chunk_size: int = 1024
-  micro_batches: int = 1
-  hidden_weight: float = 0.0
-  hidden_loss: str = "mse"
-  hidden_layer_norm: bool = False
   layer_pairs: tuple[tuple[int, int], ...] = ()
-  cross_tokenizer: bool = False  # the teacher reads its own tokens; hidden states meet at aligned positions
+  cross_tokenizer: bool = False
 
   @property
   def logit_kd(self) -> bool:
@@ -68,6 +71,18 @@ class LossConfig:
   def batch_keys(self) -> tuple[str, ...]:
     extra = TEACHER_KEYS if self.cross_tokenizer and self.uses_teacher else ()
     return STUDENT_KEYS + extra
+
+
+def loss_config(c, *, vocab_size: int | None = None, layer_pairs=(), cross_tokenizer: bool = False) -> LossConfig:
+  """The LossConfig of run config `c` (its `distill` and `optimizer.micro_batches` keys), with the facts known
+  once the models are: the vocabulary size, the hidden layer pairs, whether the tokenizers differ."""
+  d = c.distill
+  return LossConfig(
+      alpha=float(d.alpha), kind=d.kind, temperature=float(d.temperature), beta=float(d.beta), skew=float(d.skew),
+      teacher_top_k=d.teacher_top_k, fused=bool(d.fused), chunk_size=int(d.chunk_size),
+      micro_batches=int(c.optimizer.micro_batches), hidden_weight=float(d.hidden.weight), hidden_loss=d.hidden.loss,
+      hidden_layer_norm=bool(d.hidden.layer_norm), vocab_size=vocab_size, layer_pairs=tuple(map(tuple, layer_pairs)),
+      cross_tokenizer=bool(cross_tokenizer))
 
 
 TEACHER_KEYS = ("teacher_input_ids", "teacher_segment_ids", "teacher_positions", "align_student", "align_teacher",

@@ -41,14 +41,13 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxkd import checkpoint, optim, signals, step as step_lib, tiny
+from jaxkd import checkpoint, config_base, optim, signals, step as step_lib, tiny
 from jaxkd import sharding as shd
 from jaxkd.models import Transformer, attention, config_from_hf, hf_io
 from jaxkd.models.presets import PRESETS
@@ -157,13 +156,6 @@ def synthetic_batch(rows: int, seq_len: int, vocab: int, docs_per_row: int, seed
   return {"input_ids": ids, "targets": targets, "loss_mask": mask, "segment_ids": seg, "positions": pos}
 
 
-def opt_config():
-  # A plain namespace (optim reads attributes only), so the bench needs no ml_collections: a lent GPU
-  # machine runs it on its own image's packages.
-  return types.SimpleNamespace(lr=1e-4, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.01,
-                               b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
-
-
 def build(args, mesh, *, alpha: float, s_cfg, t_cfg, abstract: bool = False):
   """(jitted step, state, teacher params, batch, LossConfig) as the trainer builds them.
 
@@ -171,8 +163,11 @@ def build(args, mesh, *, alpha: float, s_cfg, t_cfg, abstract: bool = False):
   """
   pd, cd, td = (hf_io.resolve_dtype(x) for x in (args.param_dtype, args.compute_dtype, args.teacher_dtype))
   vocab = min(s_cfg.vocab_size, t_cfg.vocab_size) if t_cfg is not None else s_cfg.vocab_size
-  lc = step_lib.LossConfig(alpha=alpha if t_cfg is not None else 0.0, kind=args.kind, vocab_size=vocab,
-                           chunk_size=args.chunk_size, micro_batches=args.micro_batches)
+  run_cfg = config_base.base_config()  # what a run would set, but for the bench's own choices
+  run_cfg.distill.alpha = alpha if t_cfg is not None else 0.0
+  run_cfg.distill.kind, run_cfg.distill.chunk_size = args.kind, args.chunk_size
+  run_cfg.optimizer.micro_batches = args.micro_batches
+  lc = step_lib.loss_config(run_cfg, vocab_size=vocab)
   with jax.set_mesh(mesh):
     s_def, s_params, s_sh = init_model(s_cfg, mesh, param_dtype=pd, dtype=cd, remat=args.remat,
                                        attention_impl=args.attention, seed=0, abstract=abstract)
@@ -180,7 +175,7 @@ def build(args, mesh, *, alpha: float, s_cfg, t_cfg, abstract: bool = False):
     if lc.uses_teacher:
       t_def, t_params, t_sh = init_model(t_cfg, mesh, param_dtype=td, dtype=td, attention_impl=args.attention,
                                          seed=1, abstract=abstract)
-    optimizer, lr = optim.make_optimizer(opt_config(), 1000)
+    optimizer, lr = optim.make_optimizer(run_cfg.optimizer, 1000)
     params, param_sh = {"student": s_params}, {"student": s_sh}
     opt_sh = shd.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
     rep = shd.replicated(mesh)

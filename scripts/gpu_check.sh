@@ -20,9 +20,11 @@
 # (the device tool's folder) or gpu_check_out/; merge the rows into BENCHMARKS.md by hand. The summary is
 # printed last; the exit status is 0 only when every stage ran and passed.
 #
-# If that machine's flax or optax turn out not to fit this code, carry the versions tested here as wheels in
-# .whl/ (git-ignored; the device tool's `carry`), fetched on a machine with pip access by
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl flax==0.12.8 optax==0.2.8
+# The bench builds its loss and optimizer settings from jaxkd's config defaults, so it needs ml_collections. If
+# that machine lacks it, or its flax or optax turn out not to fit this code, carry the versions tested here as
+# wheels in .whl/ (git-ignored; the device tool's `carry`), fetched on a machine with pip access by
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl flax==0.12.8 optax==0.2.8 \
+#     ml_collections absl-py
 # and the script installs them into /tmp/jaxkd-site ahead of the machine's own.
 # A copy of the tree without .git has no commit to record: pass it, `JAXKD_COMMIT=abc1234 bash scripts/...`.
 # Overrides, for a try on a CPU or another GPU: GPU_CHECK_PLATFORM (default cuda), GPU_CHECK_STUDENT,

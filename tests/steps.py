@@ -1,12 +1,14 @@
 """Helpers for tests of the train step: a tiny student and teacher, a packed batch, and the step built from them."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxkd import optim, sharding, signals, step as step_lib
+from jaxkd import config_base, optim, sharding, signals, step as step_lib
 from jaxkd.models import ModelConfig, Transformer
 
 V = 61  # the tokenizer's vocabulary: both heads are wider (64 and 72 columns) and get cut to it
@@ -61,3 +63,9 @@ def build_step(lc, mesh=None, steps=3):
   state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
   fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lr, lc, **kw)
   return fn, state, t_params
+
+
+def loss_config(**fields) -> step_lib.LossConfig:
+  """The LossConfig a run builds from the config's defaults, at temperature 1 (plain softmax, which these
+  tests' figures were made with) unless `fields` say otherwise, with `fields` changed."""
+  return dataclasses.replace(step_lib.loss_config(config_base.base_config()), **{"temperature": 1.0, **fields})

@@ -15,7 +15,7 @@ from flax import nnx
 from jaxkd import hidden, optim, signals, step as step_lib, trainer
 from jaxkd.models import ModelConfig, Transformer
 from tests.runs import load_config
-from tests.steps import optimizer_config, packed_batch
+from tests.steps import loss_config, optimizer_config, packed_batch
 
 
 def _np_loss(s, t, mask, loss, layer_norm):
@@ -59,7 +59,7 @@ def test_projection_receives_gradients_and_changes():
   t_cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=48, intermediate_size=96, num_layers=4,
                       num_heads=4, num_kv_heads=2, head_dim=12, max_position_embeddings=64)
   pairs = hidden.layer_map(2, 4)
-  lc = step_lib.LossConfig(alpha=0.0, kind="hidden", hidden_weight=1.0, layer_pairs=pairs, fused=False,
+  lc = loss_config(alpha=0.0, kind="hidden", hidden_weight=1.0, layer_pairs=pairs, fused=False,
                            vocab_size=61)
   student, teacher = Transformer(s_cfg, rngs=nnx.Rngs(0)), Transformer(t_cfg, rngs=nnx.Rngs(1))
   projector = hidden.Projector(len(pairs), 32, 48, rngs=nnx.Rngs(2))
@@ -111,7 +111,7 @@ def test_tiny_cross_architecture_run(tmp_path):
   assert sorted(names) == sorted(ref_model.state_dict())
   assert not any(96 in f.get_slice(n).get_shape() for n in names for f in [safe_open(
       os.path.join(export, "model.safetensors"), "np")])
-  trained = nnx.merge(run.student_def, run.final_params["student"])
+  trained = nnx.merge(run.program.student_def, run.final_params["student"])
   ids = np.random.RandomState(0).randint(0, 700, (1, 16)).astype(np.int32)
   with torch.no_grad():
     ref = ref_model.eval()(torch.tensor(ids)).logits.numpy()

@@ -22,6 +22,7 @@ from flax import nnx
 from jaxkd import checkpoint, sharding, signals, step as step_lib
 from jaxkd.models import ModelConfig, Transformer
 from jaxkd.models import attention as attn
+from tests.steps import loss_config
 
 T = 256  # splash needs a multiple of 128
 STUDENT = dict(model_type="qwen2", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -55,7 +56,7 @@ def _lowered_step(platform: str, *, attention="auto", mesh_shape=(1, 1, 1), rows
     opt_sh = sharding.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_sh = step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh)
-    lc = step_lib.LossConfig(alpha=0.5, vocab_size=STUDENT["vocab_size"], chunk_size=128)
+    lc = loss_config(alpha=0.5, vocab_size=STUDENT["vocab_size"], chunk_size=128)
     batch_sh = sharding.batch_shardings(mesh, lc.batch_keys())
     fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lambda s: 1e-3, lc, state_shardings=state_sh,
                                   teacher_shardings=t_sh, batch_shardings=batch_sh)

@@ -26,7 +26,7 @@ from jaxkd import step as step_lib
 from jaxkd import trainer
 from tests import runs
 from tests.runs import load_config
-from tests.steps import build_step, packed_batch
+from tests.steps import build_step, loss_config, packed_batch
 
 # Ten steps, checkpoints at 3, 6, 9 and 10; no held-out split (evaluation is tested elsewhere).
 RUN = {"steps": 10, "checkpoint_every": 3, "data.eval_fraction": 0.0, "export.dtype": "float32",
@@ -222,7 +222,7 @@ def _assert_same(a, b):
 
 
 def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_unchanged():
-  lc = step_lib.LossConfig(alpha=0.5, vocab_size=61)
+  lc = loss_config(alpha=0.5, vocab_size=61)
   fn, state, t_params = build_step(lc, steps=4)
   state, m = fn(state, t_params, packed_batch(0))
   assert float(m["nonfinite"]) == 0.0

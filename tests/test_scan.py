@@ -10,7 +10,7 @@ from flax import nnx
 from jaxkd import signals, step as step_lib
 from jaxkd.models import ModelConfig, Transformer
 from jaxkd.models.transformer import REMAT_POLICIES
-from tests.steps import packed_batch
+from tests.steps import loss_config, packed_batch
 
 
 def _batch():
@@ -35,7 +35,7 @@ def _lowered_lines(layers: int) -> int:
   state = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=jax.eval_shape(optimizer.init, params))
   fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lambda s: 1e-3,
-                                step_lib.LossConfig(alpha=0.5, vocab_size=60, chunk_size=16))
+                                loss_config(alpha=0.5, vocab_size=60, chunk_size=16))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch())
   return len(fn.lower(state, nnx.to_pure_dict(t_state), batch).as_text().splitlines())
 

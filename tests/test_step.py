@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxkd import optim, sharding, step as step_lib
 from jaxkd.models import Transformer
-from tests.steps import STUDENT, TEACHER, V, build_step, optimizer_config, packed_batch
+from tests.steps import STUDENT, TEACHER, V, build_step, loss_config, optimizer_config, packed_batch
 
 
 @functools.lru_cache(maxsize=None)  # tests that need the same run share it (and its compile)
@@ -30,7 +30,7 @@ def _run(lc, mesh=None, steps=3):
   return jax.device_get(state.params["student"]), history, jax.device_get(t_params)
 
 
-LC = step_lib.LossConfig(alpha=0.5, temperature=2.0, vocab_size=V, chunk_size=48)  # fused, as trained
+LC = loss_config(alpha=0.5, temperature=2.0, vocab_size=V, chunk_size=48)  # fused, as trained
 
 
 def test_fused_step_equals_materialised_step():
@@ -124,7 +124,7 @@ def test_sharded_step_partitions_without_replicating_activations(capfd):
 
 
 def test_sft_compiles_no_teacher():
-  lc = step_lib.LossConfig(alpha=0.0, vocab_size=V)
+  lc = loss_config(alpha=0.0, vocab_size=V)
   fn, state, t_params = build_step(lc)
   assert t_params is None  # there is nothing to pass: the step cannot run a teacher
   hlo = fn.lower(state, None, packed_batch(0)).as_text()

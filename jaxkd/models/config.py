@@ -87,6 +87,13 @@ class ModelConfig:
   def rotary_dim(self) -> int:
     return int(self.head_dim * self.rope.fraction)
 
+  def too_long(self, length: int, *, what: str, name: str, fix: str) -> str:
+    """Why `length` positions (described by `what`) do not fit this model (`name`), or "" when they do: past
+    max_position_embeddings the positions were never trained (and a rope scaling may not cover them)."""
+    if length <= self.max_position_embeddings:
+      return ""
+    return f"{what} is longer than the {name}'s max_position_embeddings={self.max_position_embeddings}; {fix}"
+
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 

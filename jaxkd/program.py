@@ -1,0 +1,222 @@
+"""What a run sets up before its first step, as functions usable alone, and the program it compiles.
+
+  make_mesh(c)                 the device mesh, checked against the batch
+  load_tokenizers(c)           the student's tokenizer, and the teacher's where it differs
+  load_models(c, mesh, ...)    both models, loaded, or as abstract shapes from config.json alone
+  check_fit(c, ...)            lengths and vocabulary against both models; the vocabulary size compared
+  loss_settings(c, ...)        step.LossConfig with the layer pairs and tokenizer facts
+  make_projector(c, ...)       the hidden-state projection, where the widths differ
+  build(c, mesh, ...)          optimizer, shardings, the jitted train and eval steps, their abstract inputs
+
+`abstract_program(c, devices)` does all of it from config.json and tokenizer files only (no weight is read, no
+device memory is used), on any devices: so the exact train step of a run can be compiled for a TPU topology
+from a CPU, `prog.train_step.lower(*prog.abstract_inputs()).compile()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxkd import checkpoint as ckpt_lib
+from jaxkd import config_base, data, hidden, models, optim, signals, step as step_lib, tiny
+from jaxkd import sharding as shd
+
+
+def make_mesh(c, devices=None):
+  """The (data, fsdp, tensor) mesh of `c.mesh` over `devices` (default: all), refusing a batch it cannot split."""
+  mesh = shd.make_mesh(c.mesh.to_dict(), devices)
+  problem = shd.batch_problem(mesh, c.data.batch_size, "config.data.batch_size",
+                              "set mesh.fsdp / mesh.data (and mesh.tensor) to split it fewer ways")
+  if problem:
+    raise config_base.ConfigError(problem)
+  return mesh
+
+
+def model_folder(side) -> str:
+  """The local folder of `config.student` or `config.teacher` (tiny:NAME built on first use)."""
+  return models.hf_io.resolve_folder(tiny.resolve(side.path))
+
+
+@dataclasses.dataclass
+class Tokenizers:
+  student: Any
+  teacher: Any | None  # only where it differs from the student's: the teacher then reads its own tokens
+
+
+def load_tokenizers(c, lc: step_lib.LossConfig) -> Tokenizers:
+  """The tokenizers of run config `c`; the one place that decides whether the teacher's differs."""
+  tok = data.load_tokenizer(tiny.resolve(c.student.tokenizer) if c.student.tokenizer else model_folder(c.student))
+  if not lc.uses_teacher:
+    return Tokenizers(tok, None)
+  t_tok = data.load_tokenizer(tiny.resolve(c.teacher.tokenizer) if c.teacher.tokenizer else model_folder(c.teacher))
+  if data.same_tokenizer(tok, t_tok):
+    return Tokenizers(tok, None)
+  if lc.logit_kd:
+    raise config_base.ConfigError(
+        f"teacher tokenizer ({model_folder(c.teacher)}) differs from the student's ({model_folder(c.student)}) in "
+        "vocabulary or merges: logit distillation compares the probabilities of the same token ids, so it needs a "
+        "shared tokenizer. Distil hidden states instead: distill.kind=\"hidden\" and distill.hidden.weight=1.0 "
+        "(aligned at positions where both tokenizers end a token)")
+  return Tokenizers(tok, t_tok)
+
+
+def load_model(side, *, dtype: str, compute_dtype: str, remat: str, attention: str, mesh, abstract: bool):
+  """One model of the run: read and placed on `mesh`, or (abstract) its shapes from config.json alone."""
+  folder = model_folder(side)
+  if not abstract:
+    return models.from_pretrained(folder, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat,
+                                  attention=attention)
+  cfg = models.config_from_hf(models.read_config(folder))
+  pd, cd = models.hf_io.resolve_dtype(dtype), models.hf_io.resolve_dtype(compute_dtype)
+  return nnx.eval_shape(lambda: models.Transformer(cfg, param_dtype=pd, dtype=cd, remat=remat, attention=attention,
+                                                   rngs=nnx.Rngs(0)))
+
+
+def load_models(c, mesh, lc: step_lib.LossConfig, *, abstract_student: bool, abstract_teacher: bool = False):
+  """(student, teacher or None). On resume the student's weights come from the checkpoint: abstract."""
+  with jax.set_mesh(mesh):
+    student = load_model(c.student, dtype=c.student.param_dtype, compute_dtype=c.student.compute_dtype,
+                         remat=c.student.remat, attention=c.student.attention, mesh=mesh, abstract=abstract_student)
+    teacher = None
+    if lc.uses_teacher:
+      teacher = load_model(c.teacher, dtype=c.teacher.dtype, compute_dtype=c.teacher.dtype, remat="none",
+                           attention=c.teacher.attention, mesh=mesh, abstract=abstract_teacher)
+  return student, teacher
+
+
+def check_fit(c, student_cfg, teacher_cfg, toks: Tokenizers) -> int:
+  """Refuses rows longer than a model's positions and a vocabulary past a model's rows; the vocabulary size
+  the loss compares (distill.vocab_size, default the tokenizer's: padded embedding rows are cut)."""
+  cross = toks.teacher is not None  # the teacher reads rows of its own tokens
+  s_len = ("data.seq_len", c.data.seq_len)
+  t_len = ("data.teacher_seq_len", c.data.teacher_seq_len) if cross and c.data.teacher_seq_len else s_len
+  for name, cfg, (key, length) in (("student", student_cfg, s_len), ("teacher", teacher_cfg, t_len)):
+    problem = cfg and cfg.too_long(length, what=f"config.{key}={length}", name=name, fix=f"lower {key}")
+    if problem:
+      raise config_base.ConfigError(problem)
+  dims = [student_cfg.vocab_size] + ([teacher_cfg.vocab_size] if teacher_cfg is not None and not cross else [])
+  vocab_size = int(c.distill.vocab_size or len(toks.student))
+  if vocab_size > min(dims):
+    raise config_base.ConfigError(
+        f"config.distill.vocab_size={vocab_size} (default: the tokenizer's {len(toks.student)} tokens) exceeds a "
+        f"model's vocab dim {min(dims)}; the tokenizer does not belong to these models")
+  if cross and len(toks.teacher) > teacher_cfg.vocab_size:
+    raise config_base.ConfigError(
+        f"the teacher's tokenizer has {len(toks.teacher)} tokens but the teacher's vocab dim is "
+        f"{teacher_cfg.vocab_size}; config.teacher.tokenizer does not belong to config.teacher.path")
+  return vocab_size
+
+
+def loss_settings(c, student_cfg, teacher_cfg, toks: Tokenizers) -> step_lib.LossConfig:
+  """The run's LossConfig with what the models and tokenizers decide: vocabulary, layer pairs, cross-tokenizer."""
+  vocab_size = check_fit(c, student_cfg, teacher_cfg, toks)
+  pairs = ()
+  if c.distill.hidden.weight > 0:
+    pairs = hidden.layer_map(student_cfg.num_layers, teacher_cfg.num_layers, c.distill.hidden.layer_map)
+  return step_lib.loss_config(c, vocab_size=vocab_size, layer_pairs=pairs, cross_tokenizer=toks.teacher is not None)
+
+
+def make_projector(c, lc: step_lib.LossConfig, student_cfg, teacher_cfg, mesh, *, abstract: bool):
+  """The learned projection of student hidden states to the teacher's width; None where the widths agree."""
+  if not lc.layer_pairs or student_cfg.hidden_size == teacher_cfg.hidden_size:
+    return None
+  make = lambda: hidden.Projector(len(lc.layer_pairs), student_cfg.hidden_size, teacher_cfg.hidden_size,
+                                  rngs=nnx.Rngs(c.seed))
+  with jax.set_mesh(mesh):
+    return nnx.eval_shape(make) if abstract else make()
+
+
+@dataclasses.dataclass
+class Program:
+  """Everything a run compiles, with the shardings and the (concrete or abstract) values it starts from."""
+
+  config: Any
+  mesh: Any
+  lc: step_lib.LossConfig
+  optimizer: Any
+  lr_schedule: Any
+  student_def: Any
+  projector_def: Any
+  teacher: signals.TeacherSource | None
+  params: dict  # {"student", "projector"?}: arrays, or ShapeDtypeStructs of abstract models
+  teacher_params: Any
+  state_shardings: step_lib.TrainState
+  teacher_shardings: Any
+  batch_shardings: dict
+  train_step: Any  # jitted (state, teacher_params, batch) -> (state, metrics)
+  eval_step: Any  # jitted (params, teacher_params, batch) -> aux sums
+
+  def abstract_state(self) -> step_lib.TrainState:
+    sh = self.state_shardings
+    opt = jax.eval_shape(self.optimizer.init, self.params)
+    return step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sh.step),
+                               params=ckpt_lib.abstract_like(self.params, sh.params),
+                               opt_state=ckpt_lib.abstract_like(opt, sh.opt_state))
+
+  def abstract_batch(self) -> dict:
+    """The global batch the loader hands the step, as ShapeDtypeStructs (see jaxkd.data.loader)."""
+    d = self.config.data
+    rows, t = d.batch_size, d.seq_len
+    lengths = {"teacher": d.teacher_seq_len or t, "align": d.max_align or t}
+    shapes = {k: ((rows, t), np.int32) for k in step_lib.STUDENT_KEYS}
+    shapes["loss_mask"] = ((rows, t), np.float32)
+    shapes.update({k: ((rows, lengths["teacher"]), np.int32)
+                   for k in ("teacher_input_ids", "teacher_segment_ids", "teacher_positions")})
+    shapes.update(align_student=((rows, lengths["align"]), np.int32), align_teacher=((rows, lengths["align"]), np.int32),
+                  align_mask=((rows, lengths["align"]), np.float32))
+    return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=s) for k, s in self.batch_shardings.items()}
+
+  def abstract_inputs(self) -> tuple:
+    """(state, teacher parameters, batch) as ShapeDtypeStructs on their shardings: `train_step.lower(*...)`."""
+    teacher = (ckpt_lib.abstract_like(self.teacher_params, self.teacher_shardings)
+               if self.teacher_params is not None else None)
+    return self.abstract_state(), teacher, self.abstract_batch()
+
+
+def build(c, mesh, student, teacher, projector, lc: step_lib.LossConfig) -> Program:
+  """The optimizer, shardings and jitted steps of a run over these (concrete or abstract) modules."""
+  optimizer, lr_schedule = optim.make_optimizer(c.optimizer, c.steps)
+  student_def, s_state = nnx.split(student)
+  params = {"student": nnx.to_pure_dict(s_state)}
+  param_sh = {"student": shd.module_shardings(mesh, student)}
+  projector_def = None
+  if projector is not None:
+    projector_def, p_state = nnx.split(projector)
+    params["projector"] = nnx.to_pure_dict(p_state)
+    param_sh["projector"] = shd.module_shardings(mesh, projector)
+  opt_sh = shd.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
+  state_sh = step_lib.TrainState(step=shd.replicated(mesh), params=param_sh, opt_state=opt_sh)
+  teacher_def = teacher_params = teacher_sh = None
+  if teacher is not None:
+    teacher_def, t_state = nnx.split(teacher)
+    teacher_params, teacher_sh = nnx.to_pure_dict(t_state), shd.module_shardings(mesh, teacher)
+  source = signals.online(teacher_def)
+  batch_sh = shd.batch_shardings(mesh, lc.batch_keys())
+  train_step = step_lib.make_train_step(student_def, source, optimizer, lr_schedule, lc, projector_def=projector_def,
+                                        state_shardings=state_sh, teacher_shardings=teacher_sh,
+                                        batch_shardings=batch_sh)
+  eval_step = step_lib.make_eval_step(student_def, source, lc, projector_def=projector_def, param_shardings=param_sh,
+                                      teacher_shardings=teacher_sh, batch_shardings=batch_sh)
+  return Program(config=c, mesh=mesh, lc=lc, optimizer=optimizer, lr_schedule=lr_schedule, student_def=student_def,
+                 projector_def=projector_def, teacher=source, params=params, teacher_params=teacher_params,
+                 state_shardings=state_sh, teacher_shardings=teacher_sh, batch_shardings=batch_sh,
+                 train_step=train_step, eval_step=eval_step)
+
+
+def abstract_program(c, devices=None) -> Program:
+  """The whole program of run config `c` from config.json and tokenizer files alone (no weight read): on
+  `devices` (default: this host's), which may be compile-only devices of a TPU topology."""
+  config_base.validate(c)
+  mesh = make_mesh(c, devices)
+  lc = step_lib.loss_config(c)
+  toks = load_tokenizers(c, lc)
+  student, teacher = load_models(c, mesh, lc, abstract_student=True, abstract_teacher=True)
+  lc = loss_settings(c, student.cfg, teacher.cfg if teacher is not None else None, toks)
+  projector = make_projector(c, lc, student.cfg, teacher.cfg if teacher is not None else None, mesh, abstract=True)
+  return build(c, mesh, student, teacher, projector, lc)
