@@ -76,6 +76,8 @@ def _digest(x):
   if x.dtype.itemsize not in (1, 2, 4):
     return jnp.uint32(0)
   uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+  if x.dtype == jnp.bool_:  # (the optimizer's last-update-finite flag) bitcast refuses bools
+    x = x.astype(jnp.uint8)
   bits = jax.lax.bitcast_convert_type(x, uint).astype(jnp.uint32)
   # Flat index from per-axis iotas: no reshape, so a sharded array is never gathered.
   index = jnp.zeros(x.shape, jnp.uint32)

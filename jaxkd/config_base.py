@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill = ml_collections.ConfigDict()
   c.distill.kind = "forward_kl"  # forward_kl | reverse_kl | jsd | tvd | skew_kl
   c.distill.alpha = 0.5  # loss = alpha * KD + (1 - alpha) * CE; 0 = plain SFT (no teacher)
+  # 2.0, the seed paper's (DistillKit's) setting for 7B -> 1.5B: a softened teacher passes on how it ranks the
+  # plausible next tokens, which its argmax alone does not. A student too small to fit that tail does better
+  # at 1.0 (configs/tiny_logit.py; BENCHMARKS.md, "Does distillation beat SFT?"). The one default: LossConfig and
+  # the fused loss take it from here.
   c.distill.temperature = 2.0
   c.distill.beta = 0.5  # jsd mixture weight
   c.distill.skew = 0.1  # skew_kl mixture weight

@@ -37,4 +37,18 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
     chain.append(optax.clip_by_global_norm(float(opt_cfg.clip_norm)))
   chain.append(optax.adamw(lr, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps),
                            weight_decay=float(opt_cfg.weight_decay), mask=decay_mask))
-  return optax.chain(*chain), lr
+  # A step whose gradients hold NaN or Inf leaves the parameters and the Adam moments as they were (one would
+  # poison them for good) and is counted in the state, so the count is checkpointed with it. optax's wrapper
+  # compiles to the same memory as the hand-written lax.cond it replaced (BENCHMARKS.md); the limit on
+  # consecutive skips is past reach: jaxkd never gives up and applies a non-finite update.
+  return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**31 - 2), lr
+
+
+def last_update_finite(opt_state) -> jax.Array:
+  """Whether the optimizer applied the last update (False: it held NaN or Inf and was skipped)."""
+  return opt_state.last_finite
+
+
+def skipped_updates(opt_state) -> jax.Array:
+  """How many updates this optimizer has skipped for NaN or Inf, over the whole run."""
+  return opt_state.total_notfinite

@@ -72,7 +72,6 @@ class Run:
       raise config_base.ConfigError(
           f"config.steps={c.steps}, but {self.workdir} holds a checkpoint of step {self.resume_step}, past it: set "
           f"steps >= {self.resume_step} to resume (or finish) that run, or use another workdir")
-    self.skipped = 0  # steps whose update was skipped for NaN/Inf (restored from the checkpoint)
 
     toks = program.load_tokenizers(c, step_lib.loss_config(c))
     self.tokenizer, self.teacher_tokenizer = toks.student, toks.teacher
@@ -126,9 +125,8 @@ class Run:
       if restored is None:
         raise ckpt_lib.CheckpointError(f"the checkpoints in {self.ckpt.directory} disappeared while starting; "
                                        "rerun to resume from what is there")
-      self.resume_step, state, data_states, meta = restored
+      self.resume_step, state, data_states, _ = restored
       self._set_data_states(data_states)
-      self.skipped = int(meta.get("skipped_nonfinite", 0))
       return state
     sh = prog.state_shardings
     params = jax.device_put(prog.params, sh.params)  # a no-op for the loaded student; places a new projector
@@ -198,8 +196,7 @@ class Run:
         time.sleep(c.debug.step_delay_s)
       preempted = watch.reached(step)
       if preempted or step % c.checkpoint_every == 0 or step == c.steps:
-        # This step's numbers first: under nonfinite="stop" a NaN step must end the run before it is saved,
-        # and the count of skipped steps in the checkpoint must include it.
+        # This step's numbers first: under nonfinite="stop" a NaN step must end the run before it is saved.
         self._report(report, *pending)
         pending = None
         self._save(state, step)
@@ -215,8 +212,7 @@ class Run:
     return state
 
   def _save(self, state, step: int) -> None:
-    meta = {**self.meta, "skipped_nonfinite": self.skipped}
-    self.ckpt.save(state, self._data_states(), meta, step=step)
+    self.ckpt.save(state, self._data_states(), self.meta, step=step)
 
   def _finish_saving_quietly(self) -> None:
     try:
@@ -259,8 +255,6 @@ class Run:
     values["tokens_per_s"] = values["tokens"] / max(now - self._last_time, 1e-9)
     self._last_time = now
     nonfinite = values.pop("nonfinite", 0.0) > 0
-    self.skipped += int(nonfinite)
-    values["skipped_nonfinite"] = float(self.skipped)
     report.step(step, values)
     if not nonfinite:
       return
@@ -273,7 +267,8 @@ class Run:
           f"{what}; the update was not applied and the run stops (config.nonfinite=\"stop\"). The last checkpoint "
           f"is {last}. Look for bad rows or lower optimizer.lr; nonfinite=\"skip\" skips "
           "such steps instead")
-    log.warning("%s; update skipped (%d skipped so far, config.nonfinite=\"skip\")", what, self.skipped)
+    log.warning("%s; update skipped (%d skipped so far, config.nonfinite=\"skip\")", what,
+                values["skipped_nonfinite"])
 
   def evaluate(self, params) -> dict[str, float] | None:
     """Held-out metrics over the eval split (the same batches every time); None without eval data."""

@@ -74,8 +74,10 @@ def _broken_student(tmp_path, damage):
 ], ids=["missing-folder", "no-config", "truncated", "missing-weight", "wrong-shape"])
 def test_a_broken_student_folder_gives_the_loaders_message(tmp_path, damage, error, match):
   folder = _broken_student(tmp_path, damage)
+  # Both sides read the bundled tokenizer's folder: the tokenizers (compared before any weight is read) agree,
+  # so what fails is the student's folder.
   cfg = load_config(**{"workdir": str(tmp_path / "run"), "student.path": folder,
-                       "student.tokenizer": data.TOKENIZER_DIR})
+                       "student.tokenizer": data.TOKENIZER_DIR, "teacher.tokenizer": data.TOKENIZER_DIR})
   with pytest.raises(error, match=match):
     trainer.Run(cfg)
 

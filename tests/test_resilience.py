@@ -234,7 +234,10 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_unchanged():
   assert np.isnan(float(m["loss"])) and float(m["nonfinite"]) == 1.0
   after = jax.device_get(state)
   assert int(after.step) == int(before.step) + 1
-  _assert_same((after.params, after.opt_state), (before.params, before.opt_state))
+  # The optimizer's state is its moments and schedule count (inner_state), unchanged, and its count of
+  # skipped updates, which the skip advanced (it is how a checkpoint keeps that count).
+  _assert_same((after.params, after.opt_state.inner_state), (before.params, before.opt_state.inner_state))
+  assert int(after.opt_state.total_notfinite) == int(before.opt_state.total_notfinite) + 1
 
   # An Inf in a parameter makes the loss and the gradients non-finite: skipped as well, the Adam moments
   # are not poisoned.
@@ -245,7 +248,7 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_unchanged():
                               opt_state=jax.tree.map(jnp.asarray, after.opt_state))
   state, m = fn(state, t_params, packed_batch(2))
   assert float(m["nonfinite"]) == 1.0
-  _assert_same(jax.device_get((state.params, state.opt_state)), (params, after.opt_state))
+  _assert_same(jax.device_get((state.params, state.opt_state.inner_state)), (params, after.opt_state.inner_state))
 
   # The same batch without the bad target updates the parameters.
   fn, state, t_params = build_step(lc, steps=4)
@@ -268,7 +271,9 @@ def test_a_poisoned_batch_is_skipped_and_counted(tmp_path):
   assert [r["skipped_nonfinite"] for r in rows] == [0, 1, 1, 1]
   assert np.isnan(rows[1]["loss"]) and all(np.isfinite(r["loss"]) for r in rows if r["step"] != 2)
   one, two, three = (_saved_arrays(workdir, s) for s in (1, 2, 3))
-  _assert_same((one["params"], one["opt_state"]), (two["params"], two["opt_state"]))  # step 2 changed nothing
+  # Step 2 changed nothing but the optimizer's count of skipped updates, which the checkpoint keeps.
+  _assert_same((one["params"], one["opt_state"]["inner_state"]), (two["params"], two["opt_state"]["inner_state"]))
+  assert (int(one["opt_state"]["total_notfinite"]), int(two["opt_state"]["total_notfinite"])) == (0, 1)
   assert not np.array_equal(two["params"]["student"]["embed_tokens"]["embedding"],
                             three["params"]["student"]["embed_tokens"]["embedding"])
   for leaf in jax.tree.leaves(two["params"]):

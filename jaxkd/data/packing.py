@@ -67,51 +67,53 @@ def build_rows(groups: list[list[dict]], lengths: Lengths) -> dict:
   With a teacher tokenizer, "align_pairs_dropped" [rows] counts the alignment pairs each row had no room
   for: a statistic the loader adds up for the rows it hands out, and removes from the batch.
   """
-  n_rows, t = len(groups), lengths.seq_len
-  ids = np.zeros((n_rows, t), np.int32)
-  trained = np.zeros((n_rows, t), np.float32)
-  seg = np.zeros((n_rows, t), np.int32)
-  pos = np.zeros((n_rows, t), np.int32)
+  n_rows, t = len(groups), lengths.seq_len  # R rows of T student tokens (Tt teacher tokens, A alignment pairs)
+  ids_RxT = np.zeros((n_rows, t), np.int32)
+  trained_RxT = np.zeros((n_rows, t), np.float32)
+  seg_RxT = np.zeros((n_rows, t), np.int32)
+  pos_RxT = np.zeros((n_rows, t), np.int32)
   teacher = lengths.teacher_seq_len is not None
   if teacher:
     tt, a = lengths.teacher_seq_len, lengths.max_align
-    t_ids, t_seg, t_pos = (np.zeros((n_rows, tt), np.int32) for _ in range(3))
-    al_s, al_t = np.zeros((n_rows, a), np.int32), np.zeros((n_rows, a), np.int32)
-    al_m = np.zeros((n_rows, a), np.float32)
-    dropped = np.zeros(n_rows, np.int32)
+    t_ids_RxTt, t_seg_RxTt, t_pos_RxTt = (np.zeros((n_rows, tt), np.int32) for _ in range(3))
+    align_s_RxA, align_t_RxA = np.zeros((n_rows, a), np.int32), np.zeros((n_rows, a), np.int32)
+    align_m_RxA = np.zeros((n_rows, a), np.float32)
+    dropped_R = np.zeros(n_rows, np.int32)
   for r, docs in enumerate(groups):
     c = tc = na = 0
     for j, d in enumerate(docs):
       n = len(d["ids"])
-      ids[r, c:c + n] = d["ids"]
-      trained[r, c:c + n] = d["mask"]
-      seg[r, c:c + n] = j + 1
-      pos[r, c:c + n] = np.arange(n)
+      ids_RxT[r, c:c + n] = d["ids"]
+      trained_RxT[r, c:c + n] = d["mask"]
+      seg_RxT[r, c:c + n] = j + 1
+      pos_RxT[r, c:c + n] = np.arange(n)
       if teacher:
         m = len(d["teacher"])
-        t_ids[r, tc:tc + m] = d["teacher"]
-        t_seg[r, tc:tc + m] = j + 1
-        t_pos[r, tc:tc + m] = np.arange(m)
+        t_ids_RxTt[r, tc:tc + m] = d["teacher"]
+        t_seg_RxTt[r, tc:tc + m] = j + 1
+        t_pos_RxTt[r, tc:tc + m] = np.arange(m)
         p = d["align"]
         k = min(len(p), a - na)
-        dropped[r] += len(p) - k
-        al_s[r, na:na + k] = p[:k, 0] + c
-        al_t[r, na:na + k] = p[:k, 1] + tc
-        al_m[r, na:na + k] = 1.0
+        dropped_R[r] += len(p) - k
+        align_s_RxA[r, na:na + k] = p[:k, 0] + c
+        align_t_RxA[r, na:na + k] = p[:k, 1] + tc
+        align_m_RxA[r, na:na + k] = 1.0
         na += k
         tc += m
       c += n
   # The target of position i is token i + 1 of the same document; the last token of a document has none.
-  same = np.zeros((n_rows, t), bool)
-  same[:, :-1] = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
-  targets = np.zeros((n_rows, t), np.int32)
-  loss_mask = np.zeros((n_rows, t), np.float32)
-  targets[:, :-1] = np.where(same[:, :-1], ids[:, 1:], 0)
-  loss_mask[:, :-1] = np.where(same[:, :-1], trained[:, 1:], 0.0)
-  out = {"input_ids": ids, "targets": targets, "loss_mask": loss_mask, "segment_ids": seg, "positions": pos}
+  same_RxT = np.zeros((n_rows, t), bool)
+  same_RxT[:, :-1] = (seg_RxT[:, 1:] == seg_RxT[:, :-1]) & (seg_RxT[:, :-1] > 0)
+  targets_RxT = np.zeros((n_rows, t), np.int32)
+  loss_mask_RxT = np.zeros((n_rows, t), np.float32)
+  targets_RxT[:, :-1] = np.where(same_RxT[:, :-1], ids_RxT[:, 1:], 0)
+  loss_mask_RxT[:, :-1] = np.where(same_RxT[:, :-1], trained_RxT[:, 1:], 0.0)
+  out = {"input_ids": ids_RxT, "targets": targets_RxT, "loss_mask": loss_mask_RxT, "segment_ids": seg_RxT,
+         "positions": pos_RxT}
   if teacher:
-    out.update(teacher_input_ids=t_ids, teacher_segment_ids=t_seg, teacher_positions=t_pos,
-               align_student=al_s, align_teacher=al_t, align_mask=al_m, align_pairs_dropped=dropped)
+    out.update(teacher_input_ids=t_ids_RxTt, teacher_segment_ids=t_seg_RxTt, teacher_positions=t_pos_RxTt,
+               align_student=align_s_RxA, align_teacher=align_t_RxA, align_mask=align_m_RxA,
+               align_pairs_dropped=dropped_R)
   return out
 
 
