@@ -37,11 +37,17 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
     chain.append(optax.clip_by_global_norm(float(opt_cfg.clip_norm)))
   chain.append(optax.adamw(lr, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2), eps=float(opt_cfg.eps),
                            weight_decay=float(opt_cfg.weight_decay), mask=decay_mask))
-  # A step whose gradients hold NaN or Inf leaves the parameters and the Adam moments as they were (one would
-  # poison them for good) and is counted in the state, so the count is checkpointed with it. optax's wrapper
-  # compiles to the same memory as the hand-written lax.cond it replaced (BENCHMARKS.md); the limit on
-  # consecutive skips is past reach: jaxkd never gives up and applies a non-finite update.
-  return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**31 - 2), lr
+  return skip_nonfinite(optax.chain(*chain)), lr
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner`, but an update whose gradients hold NaN or Inf leaves the parameters and its state (the Adam
+  moments, which one NaN would poison for good) as they were, and is counted: the train step needs this
+  wrapper (it reads the count), and the checkpoint keeps the count with the optimizer state.
+
+  optax's wrapper compiles to the same memory as the hand-written lax.cond it replaced (BENCHMARKS.md); its
+  limit on consecutive skips is set past reach: jaxkd never gives up and applies a non-finite update."""
+  return optax.apply_if_finite(inner, max_consecutive_errors=2**31 - 2)
 
 
 def last_update_finite(opt_state) -> jax.Array:

@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxkd import checkpoint, sharding, signals, step as step_lib
+from jaxkd import checkpoint, optim, sharding, signals, step as step_lib
 from jaxkd.models import ModelConfig, Transformer
 from jaxkd.models import attention as attn
 from tests.steps import loss_config
@@ -52,7 +52,7 @@ def _lowered_step(platform: str, *, attention="auto", mesh_shape=(1, 1, 1), rows
     (s_def, s_state), (t_def, t_state) = (nnx.split(modules[n]) for n in ("student", "teacher"))
     s_sh, t_sh = (sharding.module_shardings(mesh, modules[n]) for n in ("student", "teacher"))
     params, param_sh = {"student": nnx.to_pure_dict(s_state)}, {"student": s_sh}
-    optimizer = optax.adamw(1e-3)
+    optimizer = optim.skip_nonfinite(optax.adamw(1e-3))
     opt_sh = sharding.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_sh = step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh)

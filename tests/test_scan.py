@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxkd import signals, step as step_lib
+from jaxkd import optim, signals, step as step_lib
 from jaxkd.models import ModelConfig, Transformer
 from jaxkd.models.transformer import REMAT_POLICIES
 from tests.steps import loss_config, packed_batch
@@ -31,7 +31,7 @@ def _lowered_lines(layers: int) -> int:
   s_def, s_state = nnx.split(student)
   t_def, t_state = nnx.split(teacher)
   params = {"student": nnx.to_pure_dict(s_state)}
-  optimizer = optax.adamw(1e-3)
+  optimizer = optim.skip_nonfinite(optax.adamw(1e-3))
   state = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=jax.eval_shape(optimizer.init, params))
   fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lambda s: 1e-3,

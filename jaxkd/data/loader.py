@@ -46,7 +46,7 @@ from jaxkd.data.formats import BAD_REASONS, DataError
 from jaxkd.data.packing import Examples, Lengths, PackIterDataset, empty_rows
 from jaxkd.data.sources import (RowReader, SourceSpec, StreamingRows, content_key, eval_rows, open_reader,
                                 parse_sources, process_share, source_format)
-from jaxkd.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from jaxkd.data.tokenizer import load_tokenizer, same_tokenizer, tokenizer_fingerprint
 
 STATE_VERSION = 1
 EFFICIENCY_ROWS = 64  # rows packed at start to report the packing efficiency
@@ -162,8 +162,7 @@ class Loader:
     if isinstance(teacher_tokenizer, (str, os.PathLike)):
       teacher_tokenizer = load_tokenizer(teacher_tokenizer)
     self.tokenizer = tokenizer
-    # Given only where it differs from the student's (jaxkd.program.load_tokenizers decides that, once).
-    self.teacher_differs = teacher_tokenizer is not None
+    self.teacher_differs = teacher_tokenizer is not None and not same_tokenizer(tokenizer, teacher_tokenizer)
     self.lengths = Lengths(
         seq_len=int(seq_len),
         teacher_seq_len=int(cfg.teacher_seq_len or seq_len) if self.teacher_differs else None,
