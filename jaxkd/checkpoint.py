@@ -229,10 +229,16 @@ class Checkpointer:
                 self.step_dir(step), why)
       failed.append((step, why))
     details = "\n".join(f"  {self.step_dir(s)}: {why}" for s, why in failed)
+    layout = ""
+    # Orbax words it two ways: a tree with other keys, or one with other nesting.
+    if any(("tree structures do not match" in why or "Structure mismatch" in why) for _, why in failed):
+      layout = ("A state whose tree does not match was most likely written by another jaxkd version (the "
+                "optimizer state gained its count of skipped updates in December 2026), not damaged: resume "
+                "it with the version that wrote it. ")
     raise CheckpointError(
         f"{self.directory} holds checkpoints {sorted(steps)} but none of them can be restored:\n{details}\n"
-        "Nothing was changed or deleted. Restore a good copy of one of them, or move the folder away (or "
-        "use another workdir) to start afresh.")
+        f"{layout}Nothing was changed or deleted. Restore a good copy of one of them, or move the folder away "
+        "(or use another workdir) to start afresh.")
 
   def _set_aside(self, steps: list[int]) -> list[str]:
     stamp = time.strftime("%Y%m%d-%H%M%S")

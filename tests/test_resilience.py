@@ -303,3 +303,18 @@ def test_a_checkpoint_never_holds_nonfinite_arrays(tmp_path):
     ck.save(bad, [{}], {}, step=2)
   ck.close()
   assert runs.finished_steps(str(tmp_path)) == [1] and not runs.unfinished(str(tmp_path))
+
+
+def test_a_checkpoint_of_another_state_layout_is_named_and_kept(tmp_path):
+  """A checkpoint written by another jaxkd version (another optimizer-state tree) is not called damaged and
+  not moved: the error says to resume it with the version that wrote it."""
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
+  old = step_lib.TrainState(step=jnp.int32(2), params={"w": jnp.ones((4, 3))}, opt_state={"mu": jnp.zeros(3)})
+  ck.save(old, [{}], {}, step=2)
+  ck.wait()
+  new = old.replace(opt_state={"inner_state": {"mu": jnp.zeros(3)}, "total_notfinite": jnp.int32(0)})
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), new)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"most likely written by another jaxkd version.*resume it "
+                                                     r"with the version that wrote it\. Nothing was changed"):
+    ck.restore_latest(abstract)
+  assert ck.all_steps() == [2] and not os.path.exists(str(tmp_path / "checkpoints.damaged"))
