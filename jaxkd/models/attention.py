@@ -15,8 +15,9 @@ key/value heads K; query head n reads key/value head n // (N / K).
           row under `vmap`. Under a mesh it runs per shard inside `shard_map`: rows split over the (data,
           fsdp) axes, heads over tensor (key/value heads are repeated when the tensor axis does not divide
           them). T a multiple of 128.
-  auto    cudnn on a CUDA GPU, splash on a TPU, xla elsewhere, decided at trace time from
-          `jax.default_backend()`; where the preferred kernel cannot take these inputs (float32 on a GPU, an
+  auto    cudnn on a CUDA GPU, splash on a TPU, xla elsewhere, decided at trace time from the platform
+          of the active mesh's devices (else `jax.default_backend()`): compiled for a TPU topology from a
+          CPU host, it is splash; where the preferred kernel cannot take these inputs (float32 on a GPU, an
           unsupported head dim or length) it falls back to xla and logs why, once.
 
 `choose_implementation` holds every rule that decides, as a pure function of the backend and the shapes,
@@ -26,6 +27,7 @@ CPU) is an error rather than a silent fallback; asking for one that cannot take 
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import math
@@ -133,10 +135,19 @@ def _gpu_facts() -> dict:
   return facts
 
 
+def target_backend() -> str:
+  """The platform the traced program is for: the active mesh's devices when there is a mesh (a TPU topology
+  compiled from a CPU host is a TPU program), else this process's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and getattr(mesh, "abstract_device", None) is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
 def implementation_for(requested: str, *, dtype, head_dim: int, q_len: int, kv_len: int,
                        interpret: bool = False) -> Choice:
-  """`choose_implementation` on this process's default backend (and its first GPU's facts)."""
-  backend = jax.default_backend()
+  """`choose_implementation` for the target's backend (`target_backend`; and a GPU's facts)."""
+  backend = target_backend()
   facts = _gpu_facts() if backend == "gpu" else {}
   return choose_implementation(requested, backend=backend, dtype=dtype, head_dim=head_dim, q_len=q_len,
                                kv_len=kv_len, interpret=interpret, **facts)
@@ -177,8 +188,8 @@ def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH:
     raise ValueError(f"{n} query heads are not a multiple of {k} key/value heads")
   choice = implementation_for(implementation, dtype=q_BxTxNxH.dtype, head_dim=h, q_len=t, kv_len=s,
                               interpret=interpret)
-  if choice.reason and jax.default_backend() in ("gpu", "tpu"):
-    _log_once(f"{implementation} on {jax.default_backend()}: {choice.reason}")
+  if choice.reason and target_backend() in ("gpu", "tpu"):
+    _log_once(f"{implementation} on {target_backend()}: {choice.reason}")
   segment_ids_BxT = jnp.asarray(segment_ids_BxT, jnp.int32)
   if choice.implementation == "cudnn":
     return _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale)
@@ -232,9 +243,12 @@ def _splash_kernel(t: int, heads: int, interpret: bool):
   sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   mask = sa.MultiHeadMask([sa.CausalMask((t, t)) for _ in range(heads)])
-  # Its block tables become concrete arrays even when first built inside a trace, so the cache can keep it.
-  with jax.ensure_compile_time_eval():
-    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  build = lambda: sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  # Built in a thread of its own: JAX's trace and mesh contexts are per thread, so its block tables become
+  # concrete arrays on this host's default device, whatever trace or mesh asked first (under a mesh of a TPU
+  # topology compiled from a CPU host, building them in place fails: those devices cannot hold arrays).
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(build).result()
 
 
 def _splash_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, interpret):
