@@ -3,7 +3,7 @@
 On a GPU box or TPU host (the same command on every host of a pod):
 
   python -m jaxkd.train --config configs/qwen2_logit.py \
-      --config.workdir=/path/to/run --config.data.sources='[{"path": "teknium/OpenHermes-2.5"}]'
+      --config.workdir=/path/to/run
 
 Qwen2-7B's embedding has 152064 rows and Qwen2-1.5B's 151936; both are cut to the tokenizer's 151646
 tokens before the softmax, so the padded rows carry no probability.

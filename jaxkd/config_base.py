@@ -105,6 +105,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.samples.count = 3  # 0: none
   c.samples.max_new_tokens = 64
 
+  # Ahead of time: "" trains. A TPU slice (v4-8, v5e-16, v5p-8, v6e-8, ...) or a topology ("v5p:2x2x1")
+  # compiles this run's exact step for it instead, prints the memory a chip needs against its HBM and trains
+  # nothing (jaxkd/aot.py; needs the `tpu` extra). Exit status 0 when it fits, 1 when not.
+  c.aot = ml_collections.ConfigDict()
+  c.aot.topology = ""
+
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True
   c.export.dtype = "bfloat16"
@@ -251,6 +257,12 @@ def validate(c) -> None:
          "must be >= 1, or -1 for all the devices the other axes leave")
   need(c.samples.count >= 0, "samples.count", "must be >= 0 (0: no closing samples)")
   need(c.samples.max_new_tokens >= 1, "samples.max_new_tokens", "must be >= 1")
+  if c.aot.topology:
+    from jaxkd import aot  # pylint: disable=import-outside-toplevel
+    try:
+      aot.parse_slice(c.aot.topology)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
   try:  # the data keys too, before a model is read: a misspelt value must not wait for a 7B teacher to load
     data_config.check(c.data)
   except data_config.DataError as e:

@@ -16,6 +16,7 @@ from a CPU, `prog.train_step.lower(*prog.abstract_inputs()).compile()`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -26,6 +27,7 @@ from flax import nnx
 from jaxkd import checkpoint as ckpt_lib
 from jaxkd import config_base, data, hidden, models, optim, signals, step as step_lib, tiny
 from jaxkd import sharding as shd
+from jaxkd.models import presets
 
 
 def make_mesh(c, devices=None):
@@ -49,30 +51,71 @@ class Tokenizers:
   teacher: Any | None  # only where it differs from the student's: the teacher then reads its own tokens
 
 
-def load_tokenizers(c, lc: step_lib.LossConfig) -> Tokenizers:
-  """The tokenizers of run config `c`; the one place that decides whether the teacher's differs."""
-  tok = data.load_tokenizer(tiny.resolve(c.student.tokenizer) if c.student.tokenizer else model_folder(c.student))
+@dataclasses.dataclass(frozen=True)
+class PresetTokenizer:
+  """Stands in for the tokenizer of a preset hub id that is not on this machine (ahead-of-time compiles only):
+  its size is taken as the model's vocabulary rows, and two presets share one when their families do."""
+
+  model_type: str
+  rows: int
+
+  def __len__(self) -> int:
+    return self.rows
+
+
+def _tokenizer(side, *, presets_ok: bool):
+  preset = _preset(side) if presets_ok and not side.tokenizer else None
+  if preset is not None:
+    return PresetTokenizer(preset["model_type"], preset["vocab_size"])
+  return data.load_tokenizer(tiny.resolve(side.tokenizer) if side.tokenizer else model_folder(side))
+
+
+def _same(a, b) -> bool:
+  if isinstance(a, PresetTokenizer) or isinstance(b, PresetTokenizer):
+    return type(a) is type(b) and a.model_type == b.model_type
+  return data.same_tokenizer(a, b)
+
+
+def load_tokenizers(c, lc: step_lib.LossConfig, *, presets_ok: bool = False) -> Tokenizers:
+  """The tokenizers of run config `c`; the one place that decides whether the teacher's differs. With
+  `presets_ok` (ahead-of-time compiles), a preset hub id that is not here gets a `PresetTokenizer`."""
+  tok = _tokenizer(c.student, presets_ok=presets_ok)
   if not lc.uses_teacher:
     return Tokenizers(tok, None)
-  t_tok = data.load_tokenizer(tiny.resolve(c.teacher.tokenizer) if c.teacher.tokenizer else model_folder(c.teacher))
-  if data.same_tokenizer(tok, t_tok):
+  t_tok = _tokenizer(c.teacher, presets_ok=presets_ok)
+  if _same(tok, t_tok):
     return Tokenizers(tok, None)
   if lc.logit_kd:
     raise config_base.ConfigError(
-        f"teacher tokenizer ({model_folder(c.teacher)}) differs from the student's ({model_folder(c.student)}) in "
+        f"teacher tokenizer ({c.teacher.tokenizer or c.teacher.path}) differs from the student's "
+        f"({c.student.tokenizer or c.student.path}) in "
         "vocabulary or merges: logit distillation compares the probabilities of the same token ids, so it needs a "
         "shared tokenizer. Distil hidden states instead: distill.kind=\"hidden\" and distill.hidden.weight=1.0 "
         "(aligned at positions where both tokenizers end a token)")
   return Tokenizers(tok, t_tok)
 
 
+def _preset(side) -> dict | None:
+  """config.json of a hub id jaxkd knows (jaxkd.models.presets) that is not on this machine; None otherwise."""
+  if tiny.resolve(side.path) != side.path or os.path.isdir(side.path) or side.path not in presets.PRESETS:
+    return None
+  try:
+    model_folder(side)
+    return None
+  except FileNotFoundError:
+    return presets.PRESETS[side.path]
+
+
 def load_model(side, *, dtype: str, compute_dtype: str, remat: str, attention: str, mesh, abstract: bool):
-  """One model of the run: read and placed on `mesh`, or (abstract) its shapes from config.json alone."""
-  folder = model_folder(side)
-  if not abstract:
-    return models.from_pretrained(folder, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat,
-                                  attention=attention)
-  cfg = models.config_from_hf(models.read_config(folder))
+  """One model of the run: read and placed on `mesh`, or (abstract) its shapes from config.json alone (from
+  jaxkd.models.presets for a known hub id that is not on this machine)."""
+  preset = _preset(side) if abstract else None
+  if preset is None:
+    folder = model_folder(side)
+    if not abstract:
+      return models.from_pretrained(folder, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat,
+                                    attention=attention)
+  cfg = models.config_from_hf(preset if preset is not None else models.read_config(model_folder(side)))
   pd, cd = models.hf_io.resolve_dtype(dtype), models.hf_io.resolve_dtype(compute_dtype)
   return nnx.eval_shape(lambda: models.Transformer(cfg, param_dtype=pd, dtype=cd, remat=remat, attention=attention,
                                                    rngs=nnx.Rngs(0)))
@@ -139,6 +182,8 @@ class Program:
   config: Any
   mesh: Any
   lc: step_lib.LossConfig
+  student_cfg: Any  # models.ModelConfig
+  teacher_cfg: Any  # None without a teacher
   optimizer: Any
   lr_schedule: Any
   student_def: Any
@@ -168,8 +213,9 @@ class Program:
     shapes["loss_mask"] = ((rows, t), np.float32)
     shapes.update({k: ((rows, lengths["teacher"]), np.int32)
                    for k in ("teacher_input_ids", "teacher_segment_ids", "teacher_positions")})
-    shapes.update(align_student=((rows, lengths["align"]), np.int32), align_teacher=((rows, lengths["align"]), np.int32),
-                  align_mask=((rows, lengths["align"]), np.float32))
+    a = lengths["align"]
+    shapes.update(align_student=((rows, a), np.int32), align_teacher=((rows, a), np.int32),
+                  align_mask=((rows, a), np.float32))
     return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=s) for k, s in self.batch_shardings.items()}
 
   def abstract_inputs(self) -> tuple:
@@ -203,8 +249,10 @@ def build(c, mesh, student, teacher, projector, lc: step_lib.LossConfig) -> Prog
                                         batch_shardings=batch_sh)
   eval_step = step_lib.make_eval_step(student_def, source, lc, projector_def=projector_def, param_shardings=param_sh,
                                       teacher_shardings=teacher_sh, batch_shardings=batch_sh)
-  return Program(config=c, mesh=mesh, lc=lc, optimizer=optimizer, lr_schedule=lr_schedule, student_def=student_def,
-                 projector_def=projector_def, teacher=source, params=params, teacher_params=teacher_params,
+  return Program(config=c, mesh=mesh, lc=lc, student_cfg=student.cfg,
+                 teacher_cfg=teacher.cfg if teacher is not None else None, optimizer=optimizer,
+                 lr_schedule=lr_schedule, student_def=student_def, projector_def=projector_def, teacher=source,
+                 params=params, teacher_params=teacher_params,
                  state_shardings=state_sh, teacher_shardings=teacher_sh, batch_shardings=batch_sh,
                  train_step=train_step, eval_step=eval_step)
 
@@ -215,7 +263,7 @@ def abstract_program(c, devices=None) -> Program:
   config_base.validate(c)
   mesh = make_mesh(c, devices)
   lc = step_lib.loss_config(c)
-  toks = load_tokenizers(c, lc)
+  toks = load_tokenizers(c, lc, presets_ok=True)
   student, teacher = load_models(c, mesh, lc, abstract_student=True, abstract_teacher=True)
   lc = loss_settings(c, student.cfg, teacher.cfg if teacher is not None else None, toks)
   projector = make_projector(c, lc, student.cfg, teacher.cfg if teacher is not None else None, mesh, abstract=True)

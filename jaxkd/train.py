@@ -75,6 +75,9 @@ def _main():
   logging.getLogger("jaxkd").propagate = False  # absl's root handler would print it twice
   from jaxkd import trainer  # pylint: disable=import-outside-toplevel  (after flags: fast --help)
   try:
+    if config.aot.topology:  # compile for a TPU slice and report; train nothing
+      from jaxkd import aot  # pylint: disable=import-outside-toplevel
+      return aot.report(config)
     summary = trainer.run(config)
   except trainer.Preempted as e:
     print(e, file=sys.stderr, flush=True)

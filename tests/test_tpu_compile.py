@@ -9,7 +9,7 @@ import re
 import jax
 import pytest
 
-from jaxkd import program
+from jaxkd import aot, config_base, program
 from tests.runs import load_config
 
 topologies = pytest.importorskip("jax.experimental.topologies")
@@ -40,3 +40,46 @@ def test_kd_step_compiles_for_a_tpu_topology_with_splash_per_shard(tmp_path):
   assert not re.search(rf"\[\d+,\d+,{t},{t}\]", hlo)  # the XLA path's scores
   memory = compiled.memory_analysis()
   assert memory.temp_size_in_bytes > 0 and memory.argument_size_in_bytes > 0
+
+
+@pytest.mark.parametrize("name,topology,hbm", [("v5e-16", "v5e:4x4", 16), ("v5p-8", "v5p:2x2x1", 95),
+                                               ("v6e-8", "v6e:2x4", 32),
+                                               ("v5p:2x2x2", "v5p:2x2x2", 95)])
+def test_slice_names_are_the_compilers_topologies(name, topology, hbm):
+  """Cloud TPU counts v4 and v5p slices in TensorCores (two a chip), v5e and v6e in chips."""
+  tpu = aot.parse_slice(name)
+  assert (tpu.topology, tpu.hbm_gib) == (topology, hbm)
+  assert len(_tpu_devices(topology)) == {"v5e:4x4": 16, "v5p:2x2x1": 4, "v6e:2x4": 8, "v5p:2x2x2": 8}[topology]
+
+
+def test_unknown_slices_are_refused_at_start():
+  for bad in ("v5e-12", "v4-8", "v5p:2x2"):
+    with pytest.raises(config_base.ConfigError, match=r"config\.aot\.topology="):
+      config_base.validate(load_config(**{"aot.topology": bad}))
+
+
+def test_aot_command_reports_what_a_chip_needs(tmp_path, capsys):
+  cfg = load_config(workdir=str(tmp_path / "run"), **{
+      "aot.topology": "v5e-4", "student.compute_dtype": "bfloat16", "teacher.dtype": "bfloat16"})
+  _tpu_devices("v5e:2x2")
+  with jax.default_matmul_precision("default"):
+    assert aot.report(cfg) == 0
+  out = capsys.readouterr().out
+  assert "v5e:2x2: 4 chips on 1 host(s), 16 GiB HBM each" in out and "mesh data 1, fsdp 4, tensor 1" in out
+  assert "attention: student splash; teacher splash" in out
+  figures = re.search(r"total ([0-9.]+) GiB of 16 GiB HBM: fits", out)
+  assert figures and 0 < float(figures.group(1)) < 1, out
+  assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+def test_a_step_too_big_for_the_chip_is_named_with_the_figures_and_the_fix(tmp_path, capsys):
+  cfg = load_config(workdir=str(tmp_path / "run"), **{
+      "aot.topology": "v5e-4", "student.compute_dtype": "bfloat16", "teacher.dtype": "bfloat16",
+      "data.seq_len": 2048, "data.batch_size": 2048})
+  _tpu_devices("v5e:2x2")
+  with jax.default_matmul_precision("default"):
+    assert aot.report(cfg) == 1
+  out = capsys.readouterr().out
+  assert re.search(r"out of HBM, it does not fit \(16 GiB a chip\).*RESOURCE_EXHAUSTED.*exceeds available HBM", out,
+                   re.S), out
+  assert "to fit: lower data.batch_size" in out
