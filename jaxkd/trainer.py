@@ -73,12 +73,12 @@ class Run:
           f"config.steps={c.steps}, but {self.workdir} holds a checkpoint of step {self.resume_step}, past it: set "
           f"steps >= {self.resume_step} to resume (or finish) that run, or use another workdir")
 
-    toks = program.load_tokenizers(c, step_lib.loss_config(c))
+    settings = step_lib.loss_config(c)  # what needs no model: whether a teacher is used, logit KD or not
+    toks = program.load_tokenizers(c, settings)
     self.tokenizer, self.teacher_tokenizer = toks.student, toks.teacher
     # On resume the student's weights come from the checkpoint: it is built abstractly, nothing is read.
     resuming = self.resume_step is not None
-    self.student, self.teacher = program.load_models(c, self.mesh, step_lib.loss_config(c),
-                                                     abstract_student=resuming)
+    self.student, self.teacher = program.load_models(c, self.mesh, settings, abstract_student=resuming)
     t_cfg = self.teacher.cfg if self.teacher is not None else None
     self.loss_cfg = program.loss_settings(c, self.student.cfg, t_cfg, toks)
     if c.debug.start_delay_s:
