@@ -37,34 +37,41 @@ def _concrete(x):
   return float(x)
 
 
+def hparam_problem(kind, temperature=None, beta=None, skew=None, teacher_top_k=None):
+  """The first of these distillation settings that cannot work, as (name, what is wrong), or None.
+
+  The one check of them: the config's start-of-run check names the key (`config.distill.<name>=<value>: ...`) and the
+  loss functions name the argument (`<name> ...`). A None temperature, beta or skew is unknown (traced) and passes.
+  """
+  if temperature is not None and not temperature > 0:
+    return "temperature", "must be > 0 (1.0 is plain softmax)"
+  if kind == "jsd" and beta is not None and not 0.0 < beta < 1.0:
+    return "beta", ("must be in (0, 1): jsd needs 0 < beta < 1, since at 0 or 1 the mixture equals one of the two "
+                    "distributions and the JSD is identically 0")
+  if kind == "skew_kl" and skew is not None and not 0.0 <= skew < 1.0:
+    return "skew", ("must be in [0, 1): skew_kl needs 0 <= skew < 1, since skew=1 makes the mixture equal to the "
+                    "teacher and the loss identically 0")
+  if teacher_top_k is not None:
+    if isinstance(teacher_top_k, bool) or not isinstance(teacher_top_k, numbers.Integral):
+      return "teacher_top_k", ("must be an int or None: it fixes the shape of the top-k selection, so it cannot be "
+                               "traced")
+    if teacher_top_k < 1:
+      return "teacher_top_k", "must be >= 1, or None for the whole vocabulary"
+    if kind == "reverse_kl":
+      return "teacher_top_k", ("cannot be used with kind='reverse_kl': the truncated teacher has zero probability "
+                               "where the student has mass, so KL(p_S || p_T) is +inf. Use forward_kl, jsd, tvd or "
+                               "skew_kl with top-k, or drop teacher_top_k")
+  return None
+
+
 def _check_hparams(kind, temperature, beta, skew, teacher_top_k):
   if kind not in KD_KINDS:
     raise ValueError(f"Unknown KD loss kind {kind!r}; valid kinds are {', '.join(KD_KINDS)}.")
-  tau = _concrete(temperature)
-  if tau is not None and not tau > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature!r}; use 1.0 for plain softmax.")
-  if kind == "jsd":
-    b = _concrete(beta)
-    if b is not None and not 0.0 < b < 1.0:
-      raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta!r}; at 0 or 1 the mixture "
-                       "equals one of the two distributions and the JSD is identically 0.")
-  if kind == "skew_kl":
-    s = _concrete(skew)
-    if s is not None and not 0.0 <= s < 1.0:
-      raise ValueError(f"skew_kl needs 0 <= skew < 1, got skew={skew!r}; skew=1 makes the "
-                       "mixture equal to the teacher and the loss identically 0.")
-  if teacher_top_k is not None:
-    if kind == "reverse_kl":
-      raise ValueError("teacher_top_k cannot be used with kind='reverse_kl': the truncated "
-                       "teacher has zero probability where the student has mass, so "
-                       "KL(p_S || p_T) is +inf. Use forward_kl, jsd, tvd or skew_kl with "
-                       "top-k, or drop teacher_top_k.")
-    is_int = isinstance(teacher_top_k, numbers.Integral)
-    if isinstance(teacher_top_k, bool) or not is_int:
-      raise ValueError(f"teacher_top_k must be an int or None, got {teacher_top_k!r}; it "
-                       "fixes the shape of the top-k selection, so it cannot be traced.")
-    if teacher_top_k < 1:
-      raise ValueError(f"teacher_top_k must be >= 1, got {teacher_top_k}.")
+  given = dict(temperature=temperature, beta=beta, skew=skew, teacher_top_k=teacher_top_k)
+  problem = hparam_problem(kind, _concrete(temperature), _concrete(beta), _concrete(skew), teacher_top_k)
+  if problem:
+    name, what = problem
+    raise ValueError(f"{name} {what} (got {name}={given[name]!r}).")
 
 
 def _shared_vocab(v_a, v_b, vocab_size, names=("student", "teacher")):
