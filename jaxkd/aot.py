@@ -10,13 +10,17 @@ the per-chip memory XLA reports against the chip's HBM; the exit status is 0 whe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import re
 import time
+from typing import Any
 
 import jax
 
 from jaxkd import config_base, program
+from jaxkd import sharding as shd
 from jaxkd.models import attention as attention_lib
 from jaxkd.models import hf_io
 
@@ -73,17 +77,62 @@ def _kernels(c, prog: program.Program) -> dict[str, str]:
   return out
 
 
-def report(c) -> int:
-  """Compiles config `c`'s step for `c.aot.topology` and prints what it needs per chip; 0 if it fits, else 1."""
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  """One compile of the step for a chip: its per-chip bytes where it compiled, the compiler's message where not."""
+  batch: int
+  remat: str
+  seconds: float
+  memory: Any = None  # compiled.memory_analysis()
+  error: str = ""  # the compiler's out-of-HBM message
+  temporaries_needed: float = 0.0  # bytes, read from that message
+
+  @property
+  def total(self) -> float:
+    """Bytes a chip holds: arguments, temporaries and the outputs not written over donated arguments."""
+    m = self.memory
+    if m is None:
+      return self.temporaries_needed
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
+def _devices(c):
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
   tpu = parse_slice(c.aot.topology)
   try:
-    devices = topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu").devices
+    return tpu, topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu").devices
   except Exception as e:  # noqa: BLE001  (no libtpu, or a topology it does not know)
     raise config_base.ConfigError(
         f"config.aot.topology={c.aot.topology!r}: the TPU compiler could not describe {tpu.topology} ({e}); it "
         "needs libtpu: pip install -e \".[tpu]\"") from None
+
+
+def _compile(c, devices, prog: program.Program | None = None) -> Probe:
+  start = time.time()
+  prog = prog or program.abstract_program(c, devices)
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)  # a compile-only TPU client cannot read or write it
+  try:
+    with jax.set_mesh(prog.mesh):
+      compiled = prog.train_step.lower(*prog.abstract_inputs()).compile()
+  except Exception as e:  # noqa: BLE001
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+      raise
+    needed = re.search(r"temporaries \(([0-9.]+)([KMGT])\)", text)
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    return Probe(c.data.batch_size, c.student.remat, time.time() - start, error=text.strip(),
+                 temporaries_needed=float(needed.group(1)) * scale[needed.group(2)] if needed else 0.0)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+  return Probe(c.data.batch_size, c.student.remat, time.time() - start, memory=compiled.memory_analysis())
+
+
+def report(c) -> int:
+  """Compiles config `c`'s step for `c.aot.topology` and prints what it needs per chip; 0 if it fits, else 1.
+  With `c.aot.search`, searches the largest batch instead (`search`)."""
+  tpu, devices = _devices(c)
   hosts = len({d.process_index for d in devices})
   start = time.time()
   prog = program.abstract_program(c, devices)
@@ -92,28 +141,121 @@ def report(c) -> int:
         f"mesh {mesh}; {c.data.batch_size} x {c.data.seq_len} tokens a step")
   kernels = _kernels(c, prog)
   print("  attention: " + "; ".join(f"{k} {v}" for k, v in kernels.items()))
-  try:
-    with jax.set_mesh(prog.mesh):
-      compiled = prog.train_step.lower(*prog.abstract_inputs()).compile()
-  except Exception as e:  # noqa: BLE001
-    text = str(e)
-    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
-      raise
-    print(f"  compiled in {time.time() - start:.1f} s: out of HBM, it does not fit ({tpu.hbm_gib:g} GiB a chip). "
-          "The compiler said:\n    " + "\n    ".join(text.strip().splitlines()[:6]))
+  if c.aot.search:
+    return search(c, tpu, devices, hosts)
+  probe = _compile(c, devices, prog)
+  seconds = time.time() - start
+  if probe.error:
+    print(f"  compiled in {seconds:.1f} s: out of HBM, it does not fit ({tpu.hbm_gib:g} GiB a chip). "
+          "The compiler said:\n    " + "\n    ".join(probe.error.splitlines()[:6]))
     print(_advice())
     return 1
-  m = compiled.memory_analysis()
-  total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-  fits = total <= tpu.hbm_gib * GIB
-  print(f"  compiled in {time.time() - start:.1f} s")
+  m = probe.memory
+  fits = _fits(probe, tpu)
+  print(f"  compiled in {seconds:.1f} s")
   print(f"  per chip: arguments {m.argument_size_in_bytes / GIB:.2f} GiB, temporaries "
         f"{m.temp_size_in_bytes / GIB:.2f}, outputs {m.output_size_in_bytes / GIB:.2f} (donated "
         f"{m.alias_size_in_bytes / GIB:.2f}); total "
-        f"{total / GIB:.2f} GiB of {tpu.hbm_gib:g} GiB HBM: {'fits' if fits else 'does NOT fit'}")
+        f"{probe.total / GIB:.2f} GiB of {tpu.hbm_gib:g} GiB HBM: {'fits' if fits else 'does NOT fit'}")
   if not fits:
     print(_advice())
   return 0 if fits else 1
+
+
+def _fits(probe: Probe, tpu: Slice) -> bool:
+  return not probe.error and probe.total <= tpu.hbm_gib * GIB
+
+
+def search(c, tpu: Slice, devices, hosts: int) -> int:
+  """The largest global batch whose step fits a chip, for each of `aot.remat_choices` (least recomputation
+  first), and the cheapest of them that fits `data.batch_size`. Prints each compile as it comes and the answer;
+  0 when `data.batch_size` fits with one of the choices, 1 when not."""
+  mesh = shd.make_mesh(c.mesh.to_dict(), devices)
+  unit = math.lcm(shd.batch_shards(mesh), c.optimizer.micro_batches, hosts)
+  cap = max(c.aot.max_batch // unit, 1)
+  print(f"  search: batches in steps of {unit} rows (the mesh's data x fsdp, micro-batches and hosts), up to "
+        f"{cap * unit}; remat {', '.join(config_base.aot_remat_choices(c))}")
+  print(f"  {'remat':<24} {'rows':>6} {'tokens':>9} {'GiB/chip':>9}  {'':<12} compile s")
+  largest: dict[str, int] = {}
+  start = max(c.data.batch_size // unit, 1)
+  for remat in config_base.aot_remat_choices(c):
+    def probe(rows, remat=remat):
+      trial = copy.deepcopy(c)
+      trial.data.batch_size, trial.student.remat = rows, remat
+      p = _compile(trial, devices)
+      gib = f"{p.total / GIB:9.2f}" if p.total else f"{'?':>9}"
+      what = "fits" if _fits(p, tpu) else ("out of HBM" if p.error else "too big")
+      print(f"  {remat:<24} {rows:>6} {rows * c.data.seq_len:>9} {gib}{'+' if p.error else ' '} {what:<12} "
+            f"{p.seconds:.0f}", flush=True)
+      return _fits(p, tpu), 0.0 if p.error else p.total  # an out-of-HBM figure is temporaries alone
+    k = largest_fitting(lambda k, probe=probe: probe(k * unit), tpu.hbm_gib * GIB, start=start, cap=cap)
+    largest[remat], start = k * unit, max(k, start)  # more recomputation holds at least as large a batch
+  print("  (+: the compiler's figure for temporaries alone, from its out-of-HBM message)")
+  for remat, rows in largest.items():
+    bound = " (aot.max_batch, the search's bound)" if rows == cap * unit else ""
+    what = f"{rows} rows ({rows * c.data.seq_len} tokens) a step{bound}" if rows else "none fits"
+    print(f"  largest batch with remat {remat}: {what}")
+  cheapest = next((r for r, rows in largest.items() if rows >= c.data.batch_size), None)
+  if cheapest is None:
+    print(f"  data.batch_size={c.data.batch_size} fits with none of them")
+    print(_advice())
+    return 1
+  print(f"  data.batch_size={c.data.batch_size} fits; the cheapest remat that fits it: {cheapest}")
+  return 0
+
+
+def largest_fitting(fits_at, limit: float, *, start: int, cap: int) -> int:
+  """The largest k in [1, cap] with fits_at(k)[0] (0 if none), for a fit that holds up to some k and fails past it.
+
+  fits_at(k) -> (fits, bytes) compiles. Memory grows close to linearly in the batch, so the line through the two
+  compiles nearest the boundary predicts it; the prediction is checked with its neighbour and, where it missed,
+  the bracket is halved, so the compiles stay few (about 4 at a typical size) and at worst logarithmic."""
+  seen: dict[int, tuple[bool, float]] = {}
+
+  def probe(k):
+    if k not in seen:
+      seen[k] = fits_at(k)
+    return seen[k][0]
+
+  k = min(max(start, 1), cap)
+  probe(k)
+  if seen[k][0] and k < cap:
+    probe(min(2 * k, cap))
+  elif not seen[k][0] and k > 1:
+    probe(max(k // 2, 1))
+  sides: list[bool] = []  # whether each line prediction fitted
+  while True:
+    lo = max((k for k, (ok, _) in seen.items() if ok), default=0)
+    hi = min((k for k, (ok, _) in seen.items() if not ok), default=cap + 1)
+    if hi <= lo + 1:
+      return lo
+    # Two predictions in a row on the same side mean the line is bent there: double or halve once. A prediction
+    # of one row-step past the largest fit is the line's own check and does not count.
+    stuck = len(sides) >= 2 and sides[-1] == sides[-2]
+    nxt = None if stuck else _on_the_line(seen, limit, lo, hi)
+    if nxt is None:  # double while nothing has failed, else halve the bracket
+      sides.clear()
+      probe(max(min(2 * lo, hi - 1) if hi > cap else (lo + hi) // 2, lo + 1))
+    elif nxt == lo + 1:
+      probe(nxt)
+    else:
+      sides.append(probe(nxt))
+
+
+def _on_the_line(seen: dict[int, tuple[bool, float]], limit: float, lo: int, hi: int) -> int | None:
+  """The largest k in (lo, hi) under `limit` on the line through the bracket's ends, or through the largest fit
+  and the smallest one where no failure has a figure."""
+  ends = [k for k in (lo, hi) if k in seen and seen[k][1]]
+  if len(ends) < 2:
+    fit = sorted(k for k, (ok, m) in seen.items() if ok and m)
+    ends = [fit[0], fit[-1]] if len(fit) >= 2 else []
+  if len(ends) < 2:
+    return None
+  (k1, m1), (k2, m2) = ((k, seen[k][1]) for k in ends)
+  slope = (m2 - m1) / (k2 - k1)
+  k = int(k1 + (limit - m1) // slope) if slope > 0 else hi
+  # Past a known failure the line is wrong there (bisect); at or below the largest fit, ask for one step more.
+  return None if k >= hi else max(k, lo + 1)
 
 
 def _advice() -> str:

@@ -110,6 +110,12 @@ def base_config() -> ml_collections.ConfigDict:
   # nothing (jaxkd/aot.py; needs the `tpu` extra). Exit status 0 when it fits, 1 when not.
   c.aot = ml_collections.ConfigDict()
   c.aot.topology = ""
+  # With a topology: find the largest data.batch_size whose step fits a chip, compiling as few times as it can
+  # (a line through two compiles predicts the next; the answer is one that compiles and one row-step more that
+  # does not), and the cheapest of aot.remat_choices that fits data.batch_size; prints every compile it tried.
+  c.aot.search = False
+  c.aot.remat_choices = ""  # comma-separated student.remat policies the search may use; "" = student.remat
+  c.aot.max_batch = 4096  # rows: the search's upper bound
 
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True
@@ -194,6 +200,13 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> ml_collect
   return c
 
 
+def aot_remat_choices(c) -> list[str]:
+  """The remat policies `aot.search` may use, least recomputation first."""
+  asked = [p.strip() for p in c.aot.remat_choices.split(",") if p.strip()] or [c.student.remat]
+  order = transformer_lib.REMAT_BY_COST
+  return sorted(dict.fromkeys(asked), key=lambda p: order.index(p) if p in order else len(order))
+
+
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
 
@@ -258,6 +271,10 @@ def validate(c) -> None:
       aot.parse_slice(c.aot.topology)
     except ValueError as e:
       raise ConfigError(f"config.{e}") from None
+  need(not c.aot.search or c.aot.topology, "aot.search", "needs aot.topology, the slice to search for")
+  bad = [p for p in aot_remat_choices(c) if p not in transformer_lib.REMAT_POLICIES]
+  need(not bad, "aot.remat_choices", f"{bad} unknown; use comma-separated {', '.join(transformer_lib.REMAT_BY_COST)}")
+  need(c.aot.max_batch >= 1, "aot.max_batch", "must be >= 1 (rows)")
   try:  # the data keys too, before a model is read: a misspelt value must not wait for a 7B teacher to load
     data_config.check(c.data)
   except data_config.DataError as e:

@@ -83,3 +83,23 @@ def test_a_step_too_big_for_the_chip_is_named_with_the_figures_and_the_fix(tmp_p
   assert re.search(r"out of HBM, it does not fit \(16 GiB a chip\).*RESOURCE_EXHAUSTED.*exceeds available HBM", out,
                    re.S), out
   assert "to fit: lower data.batch_size" in out
+
+
+def test_aot_search_compiles_each_remat_choice_and_names_the_cheapest(tmp_path, capsys):
+  """The search's plumbing on the real compiler, bounded by aot.max_batch to one compile a policy; the search
+  itself is checked against brute force in tests/test_aot_search.py."""
+  cfg = load_config(workdir=str(tmp_path / "run"), **{
+      "aot.topology": "v5e-4", "aot.search": True, "aot.remat_choices": "full, none", "aot.max_batch": 8,
+      "student.compute_dtype": "bfloat16", "teacher.dtype": "bfloat16"})
+  _tpu_devices("v5e:2x2")
+  with jax.default_matmul_precision("default"):
+    assert aot.report(cfg) == 0
+  out = capsys.readouterr().out
+  assert "batches in steps of 4 rows" in out and "up to 8; remat none, full" in out, out
+  rows = re.findall(r"^  (none|full) +(\d+) +(\d+) +([0-9.]+)  fits", out, re.M)
+  t = cfg.data.seq_len
+  assert [(r, int(b), int(n)) for r, b, n, _ in rows] == [("none", 8, 8 * t), ("full", 8, 8 * t)], out
+  assert float(rows[1][3]) <= float(rows[0][3])  # remat full keeps less
+  assert f"largest batch with remat none: 8 rows ({8 * t} tokens) a step (aot.max_batch, the search's bound)" in out
+  assert "data.batch_size=8 fits; the cheapest remat that fits it: none" in out
+  assert not (tmp_path / "run").exists()

@@ -41,6 +41,9 @@ REMAT_POLICIES = {
     # dots_no_batch, and the fused attention kernels' outputs (the same as dots_no_batch on the XLA path).
     "dots_no_batch_attention": _dots_no_batch_and_attention,
 }
+# The same policies by how much of the forward the backward pass computes again, least first (and so by memory,
+# most first): saving all dots keeps the [B, N, T, T] scores on the XLA path; "full" keeps only each layer's input.
+REMAT_BY_COST = ("none", "dots", "dots_no_batch_attention", "dots_no_batch", "full")
 
 
 class KVCache(NamedTuple):
