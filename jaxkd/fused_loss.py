@@ -27,8 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxkd import sharding as shd
 # The reference's own checks and per-token math (see the module docstring).
-from jaxkd.losses import (_check_hparams, _check_mask, _concrete, _divergence, _kth_largest, _label_logits,
-                          _one_vocab, _shared_vocab, masked_sum_and_count)
+from jaxkd.losses import (MISSING_MASS, _check_hparams, _check_mask, _concrete, _divergence, _kth_largest,
+                          _label_logits, _one_vocab, _shared_vocab, _sparse_logits, masked_sum_and_count)
 
 # The mesh axis that splits the vocabulary (the heads' columns, each chunk's logits) and those that split the
 # tokens, as the rules table says; the vocab-split code below is written for one vocab axis.
@@ -58,6 +58,8 @@ class _FusedSpec:
   kind: str
   teacher_top_k: Optional[int]
   with_teacher: bool  # KD term and teacher metrics
+  cached: bool  # the teacher is its stored top-k (indices, log-probs), not hidden states and a head
+  missing: str  # with `cached`: how the rest of the vocabulary counts (losses.MISSING_MASS)
   with_labels: bool  # CE term and accuracy
   hidden_dtype: np.dtype
   head_dtype: np.dtype
@@ -185,6 +187,8 @@ def _matmul(a_CxD, b_DxV):
 def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N, keep_N, with_grad):
   """Loss sums (and with_grad, their gradients) over all chunks of tokens.
 
+  With `spec.cached`, the teacher's two arrays are its stored top-k: indices and log-probs, both [N, K].
+
   Returns (weighted_sum, aux, dh_NxDs, dW_DsxV); the gradients are None without with_grad.
   """
   f32 = jnp.float32
@@ -213,18 +217,25 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
   keep_CxK = strided(keep_N)  # the padding rows are False
   labels_CxK = strided(labels_N) if spec.with_labels else None
   h_t_CxKxDt = strided(h_t_NxDt) if spec.with_teacher else None
+  head_t_CxKxK = strided(head_t_DtxV) if spec.cached else None  # the stored log-probs [N, K], chunked likewise
 
   def column(x_CxKx, k):
     return jax.lax.dynamic_index_in_dim(x_CxKx, k, axis=1, keepdims=False)
+
+  def divergence(zs_CxV, zt, kind, temperature):
+    if spec.cached:  # zt = (indices, log-probs) of the stored top-k
+      s_CxK, t_CxK = _sparse_logits(zs_CxV, *zt, temperature=temperature, missing=spec.missing, vocab=spec.vocab)
+      return _divergence(s_CxK, t_CxK, kind=kind, temperature=1.0, beta=spec.hparam("beta", hp),
+                         skew=spec.hparam("skew", hp), teacher_top_k=None)
+    return _divergence(zs_CxV, zt, kind=kind, temperature=temperature, beta=spec.hparam("beta", hp),
+                       skew=spec.hparam("skew", hp), teacher_top_k=spec.teacher_top_k, kth_largest=kth_largest)
 
   def chunk_loss(zs_CxV, zt_CxV, labels_C, keep_C):
     """Weighted loss sum of one chunk, as a function of the student logits."""
     zs_CxV = _mask_columns(zs_CxV, spec.vocab)
     total, parts = 0.0, {}
     if spec.with_teacher:
-      d_C = _divergence(zs_CxV, zt_CxV, kind=spec.kind, temperature=tau, beta=spec.hparam("beta", hp),
-                        skew=spec.hparam("skew", hp), teacher_top_k=spec.teacher_top_k,
-                        kth_largest=kth_largest)
+      d_C = divergence(zs_CxV, zt_CxV, spec.kind, tau)
       parts["d_C"] = d_C
       parts["kd_sum"] = tau**2 * masked_sum_and_count(d_C, keep_C)[0]
       total = total + w_kd * parts["kd_sum"]
@@ -244,7 +255,9 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
     h_s_CxDs = jnp.where(keep_C[:, None], column(h_s_CxKxDs, k), 0)
     zs_CxV = _vocab_sharded(_matmul(h_s_CxDs, head_s_DsxV), shards)
     zt_CxV = None
-    if spec.with_teacher:
+    if spec.cached:
+      zt_CxV = (column(h_t_CxKxDt, k), column(head_t_CxKxK, k))  # the stored top-k of the chunk's tokens
+    elif spec.with_teacher:
       h_t_CxDt = jnp.where(keep_C[:, None], column(h_t_CxKxDt, k), 0)
       zt_CxV = _vocab_sharded(_matmul(h_t_CxDt, head_t_DtxV), shards)
       zt_CxV = _mask_columns(zt_CxV, spec.vocab)
@@ -276,15 +289,22 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
       new["correct_sum"] = masked_sum_and_count(correct_C, keep_C)[0]
     if spec.with_teacher:
       new["kd_sum"] = parts["kd_sum"]
-      new["agree_sum"] = masked_sum_and_count(pred_C == jnp.argmax(zt_CxV, axis=-1), keep_C)[0]
+      if spec.cached:
+        idx_CxK, lp_CxK = zt_CxV
+        top1_C = jnp.take_along_axis(idx_CxK, jnp.argmax(lp_CxK, axis=-1)[:, None], axis=-1)[:, 0]
+      else:
+        top1_C = jnp.argmax(zt_CxV, axis=-1)
+      new["agree_sum"] = masked_sum_and_count(pred_C == top1_C, keep_C)[0]
       static_tau = dict(spec.static_hparams).get("temperature")
       if spec.kind == "forward_kl" and static_tau == 1.0 and spec.teacher_top_k is None:
         kl1_C = parts["d_C"]
+      elif spec.cached:  # over the stored top-k, as the loss sees the teacher
+        kl1_C = divergence(zs_cut_CxV, zt_CxV, "forward_kl", 1.0)
       else:
         kl1_C = _divergence(zs_cut_CxV, zt_CxV, kind="forward_kl", temperature=1.0, beta=None, skew=None,
                             teacher_top_k=None)
       new["kl1_sum"] = masked_sum_and_count(kl1_C, keep_C)[0]
-      if spec.with_labels:
+      if spec.with_labels and not spec.cached:  # the label's teacher log-prob is stored only if in the top-k
         new["teacher_ce_sum"] = masked_sum_and_count(_nll(zt_CxV, labels_C, spec.vocab), keep_C)[0]
     sums = {name: sums[name] + value.astype(f32) for name, value in new.items()}
     return (dW_TxDsxV, dh_CxKxDs, sums), None
@@ -292,7 +312,7 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
   names = ["weighted"]
   names += ["ce_sum", "correct_sum"] if spec.with_labels else []
   names += ["kd_sum", "agree_sum", "kl1_sum"] if spec.with_teacher else []
-  names += ["teacher_ce_sum"] if spec.with_teacher and spec.with_labels else []
+  names += ["teacher_ce_sum"] if spec.with_teacher and spec.with_labels and not spec.cached else []
   sums0 = {name: jnp.zeros((), f32) for name in names}
   dW0 = dh0 = None
   if with_grad:
@@ -354,7 +374,8 @@ def _check_hidden_and_head(hidden, head, who):
 
 
 def _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_head, *, alpha, kind, temperature, beta,
-           skew, vocab_size, teacher_top_k, chunk_size):
+           skew, vocab_size, teacher_top_k, chunk_size, teacher_indices=None, teacher_logprobs=None,
+           missing="bucket"):
   """Validate, pick the static spec and call the custom-VJP core."""
   _check_mesh_axes()
   h_s_NxDs = jnp.asarray(student_hidden)
@@ -364,7 +385,16 @@ def _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_h
 
   if (teacher_hidden is None) != (teacher_head is None):
     raise ValueError("pass both teacher_hidden and teacher_head (for KD) or neither (CE only).")
-  with_teacher = teacher_hidden is not None and _concrete(alpha) != 0.0
+  cached = teacher_indices is not None or teacher_logprobs is not None
+  if cached:
+    if teacher_hidden is not None or teacher_indices is None or teacher_logprobs is None:
+      raise ValueError("a cached teacher is its top-k: pass teacher_indices and teacher_logprobs (both [N, K]), "
+                       "without teacher_hidden and teacher_head.")
+    if missing not in MISSING_MASS:
+      raise ValueError(f"missing={missing!r}: use one of {', '.join(MISSING_MASS)}")
+    if teacher_top_k is not None:
+      raise ValueError("teacher_top_k selects from a full teacher; a cached teacher is already its stored top-k.")
+  with_teacher = (teacher_hidden is not None or cached) and _concrete(alpha) != 0.0
   with_labels = labels is not None
   h_t_NxDt = head_t_DtxV = None
   width, vocab = v_s, _one_vocab(v_s, vocab_size)
@@ -376,9 +406,17 @@ def _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_h
                        "hidden states must be [tokens, width] over the same tokens.")
     v_t = head_t_DtxV.shape[1]
     vocab = _shared_vocab(v_s, v_t, vocab_size)
+  if cached:
+    h_t_NxDt, head_t_DtxV = jnp.asarray(teacher_indices), jnp.asarray(teacher_logprobs)  # [N, K] each
+    if h_t_NxDt.ndim != 2 or h_t_NxDt.shape != head_t_DtxV.shape or h_t_NxDt.shape[0] != n:
+      raise ValueError(f"teacher indices {h_t_NxDt.shape} and log-probs {head_t_DtxV.shape} must both be [N, K] "
+                       f"over the student's {n} tokens.")
+    if not jnp.issubdtype(h_t_NxDt.dtype, jnp.integer):
+      raise ValueError(f"teacher indices must be integers, got {h_t_NxDt.dtype}.")
+    _check_hparams(kind, temperature, beta, skew, None)
   if not with_teacher:
     h_t_NxDt = head_t_DtxV = None
-  else:
+  elif not cached:
     # Only the wider head is cut, once, to the common width (its gradient is zero-padded back by the slice's transpose);
     # beyond that, columns are masked per chunk (see _MASKED_LOGIT).
     width = min(v_s, v_t)
@@ -413,7 +451,8 @@ def _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_h
   static = tuple((k, _concrete(v)) for k, v in values.items() if _concrete(v) is not None)
   traced = {k: jnp.asarray(v, jnp.float32) for k, v in values.items() if _concrete(v) is None}
   spec = _FusedSpec(n_tokens=n, chunk=chunk, n_chunks=n_chunks, width=width, vocab=vocab, kind=kind,
-                    teacher_top_k=teacher_top_k, with_teacher=with_teacher, with_labels=with_labels,
+                    teacher_top_k=teacher_top_k, with_teacher=with_teacher, cached=with_teacher and cached,
+                    missing=missing, with_labels=with_labels,
                     hidden_dtype=np.dtype(h_s_NxDs.dtype), head_dtype=np.dtype(head_s_DsxV.dtype),
                     static_hparams=static)
   weighted, aux = _fused_sums(spec, traced, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N, keep_N)
@@ -422,7 +461,8 @@ def _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_h
 
 def fused_distill_sums(student_hidden, student_head, labels, mask=None, teacher_hidden=None, teacher_head=None, *,
                        alpha, kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
-                       vocab_size: Optional[int] = None, teacher_top_k: Optional[int] = None, chunk_size: int = 1024):
+                       vocab_size: Optional[int] = None, teacher_top_k: Optional[int] = None, chunk_size: int = 1024,
+                       teacher_indices=None, teacher_logprobs=None, missing: str = "bucket"):
   """KD + CE loss *sums* from hidden states, never building [N, V] logits.
 
   `weighted_sum = alpha * tau^2 * sum_masked D + (1 - alpha) * sum_masked CE` with D the per-token divergence of
@@ -444,6 +484,9 @@ def fused_distill_sums(student_hidden, student_head, labels, mask=None, teacher_
     mask: `[N]` bool/0-1, or None for all tokens.
     teacher_hidden, teacher_head: `[N, Dt]` and `[Dt, Vt]`, or both None. The teacher gets zero gradients (it is
       frozen).
+    teacher_indices, teacher_logprobs: instead of those, a teacher known by its stored top-k, int and float `[N, K]`
+      (log-probs at temperature 1); the divergence is `losses.sparse_divergence`'s, `missing` says how the rest of
+      the vocabulary counts (`losses.MISSING_MASS`). `teacher_ce_sum` is then not reported.
     alpha: KD weight. Without a teacher, or with `alpha == 0` as a Python number, no teacher math is done at all and
       `weighted_sum` is the CE sum (alpha is then ignored).
     kind, temperature, beta, skew, vocab_size, teacher_top_k: as `kd_loss`. Python numbers or traced scalars; no
@@ -464,7 +507,8 @@ def fused_distill_sums(student_hidden, student_head, labels, mask=None, teacher_
     raise ValueError("fused_distill_sums needs labels for its CE term; for KD alone use fused_kd_loss.")
   return _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_head, alpha=alpha, kind=kind,
                 temperature=temperature, beta=beta, skew=skew, vocab_size=vocab_size, teacher_top_k=teacher_top_k,
-                chunk_size=chunk_size)
+                chunk_size=chunk_size, teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
+                missing=missing)
 
 
 def fused_kd_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, *, kind: str = "forward_kl",

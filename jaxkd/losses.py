@@ -274,6 +274,76 @@ def _divergence(student_xV, teacher_xV, *, kind, temperature, beta, skew, teache
   return _kl_from_logs(logp_t_xV, logm_xV, support_xV)
 
 
+# A teacher known only by its top-k: the stored log-probs (temperature 1) of its k most likely tokens. What the
+# rest of the vocabulary gets, in the teacher's distribution and the student's alike:
+#   "bucket":      one more category, the mass off the stored tokens (1 - sum p_k for the teacher, the student's own
+#                  rest exactly): the student keeps the teacher's confidence, and KL over the k + 1 categories is the
+#                  true KL with the tail pooled (a lower bound of it).
+#   "renormalize": nothing; both distributions are renormalised over the k tokens (what top-k truncation of an
+#                  online teacher does to the teacher; here to the student too, so no gradient says how much mass the
+#                  rest should get).
+MISSING_MASS = ("bucket", "renormalize")
+_MASKED = -1e30  # a category that is not there (exp gives exactly 0; finite, so 0 * log terms stay 0)
+
+
+def _sparse_logits(student_xW, indices_xK, logprobs_xK, *, temperature, missing, vocab):
+  """The student's and the teacher's distributions over the teacher's stored tokens (plus, with "bucket", the rest
+  of the vocabulary as one category), as the logits [..., K(+1)] of two small categoricals.
+
+  `student_xW` holds the student's logits with the columns at or past `vocab` already masked or cut. A stored id
+  outside [0, vocab) (a teacher's padded embedding rows) or a -inf log-prob is not a category: the teacher is
+  renormalised over the real vocabulary, as the online path's vocab cut does. The teacher at temperature tau is
+  p^(1/tau) renormalised; with "bucket" its rest counts as one token of probability 1 - sum p.
+  """
+  f32 = jnp.float32
+  width = student_xW.shape[-1]
+  logp_s_xW = jax.nn.log_softmax(student_xW.astype(f32) / temperature, axis=-1)
+  lp_xK = logprobs_xK.astype(f32)
+  valid_xK = (indices_xK >= 0) & (indices_xK < vocab) & (lp_xK > -jnp.inf)
+  idx_xK = jnp.clip(indices_xK, 0, width - 1)
+  s_xK = jnp.where(valid_xK, jnp.take_along_axis(logp_s_xW, idx_xK, axis=-1), _MASKED)
+  t_xK = jnp.where(valid_xK, lp_xK / temperature, _MASKED)
+  if missing == "renormalize":
+    return s_xK, t_xK
+  # The student's rest from its own distribution off the stored tokens (1 - sum would lose it to rounding when
+  # small); the stored tokens are marked with a scatter, not a [.., K, W] compare.
+  # A dropped entry is sent out of bounds, so that it cannot unmark a stored token whose column it was clipped to.
+  lead = idx_xK.shape[:-1]
+  flat_NxK = jnp.where(valid_xK, idx_xK, width).reshape(-1, idx_xK.shape[-1])
+  stored_NxW = jnp.zeros((flat_NxK.shape[0], width), bool).at[
+      jnp.arange(flat_NxK.shape[0])[:, None], flat_NxK].set(True, mode="drop")
+  rest_s_x = jax.nn.logsumexp(jnp.where(stored_NxW.reshape(*lead, width), -jnp.inf, logp_s_xW), axis=-1)
+  rest_s_x = jnp.maximum(rest_s_x, _MASKED)  # the student's whole mass on the stored tokens
+  # The teacher's rest: 1 - the mass of all k stored tokens, padded ids included; floored, as a teacher whose k
+  # tokens hold all its float32 mass would make the reverse KL infinite.
+  rest_t_x = jnp.log(jnp.maximum(1.0 - jnp.sum(jnp.exp(lp_xK), axis=-1), 1e-20)) / temperature
+  return (jnp.concatenate([s_xK, rest_s_x[..., None]], axis=-1),
+          jnp.concatenate([t_xK, rest_t_x[..., None]], axis=-1))
+
+
+def sparse_divergence(student_logits, teacher_indices, teacher_logprobs, *, kind: str = "forward_kl",
+                      temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1, missing: str = "bucket",
+                      vocab_size: Optional[int] = None):
+  """Per-token divergence [...] between the student and a teacher known by its top-k (`MISSING_MASS` says how the
+  rest of the vocabulary counts): `per_token_divergence`'s kinds on the small categoricals of `_sparse_logits`.
+
+  Args:
+    student_logits: `[..., V]`; cut to `vocab_size` first where given.
+    teacher_indices: int `[..., K]` the stored token ids (ids outside the cut vocabulary are dropped).
+    teacher_logprobs: `[..., K]` their log-probabilities at temperature 1 (-inf: no entry).
+  """
+  if missing not in MISSING_MASS:
+    raise ValueError(f"missing={missing!r}: use one of {', '.join(MISSING_MASS)}")
+  _check_hparams(kind, temperature, beta, skew, None)
+  student_xV = _cut_one(student_logits, vocab_size)
+  if teacher_indices.shape != teacher_logprobs.shape or teacher_indices.shape[:-1] != student_xV.shape[:-1]:
+    raise ValueError(f"teacher indices {teacher_indices.shape} and log-probs {teacher_logprobs.shape} must both be "
+                     f"[..., K] over the student logits' leading shape {student_xV.shape[:-1]}")
+  s_xK, t_xK = _sparse_logits(student_xV, teacher_indices, teacher_logprobs, temperature=temperature,
+                              missing=missing, vocab=student_xV.shape[-1])
+  return _divergence(s_xK, t_xK, kind=kind, temperature=1.0, beta=beta, skew=skew, teacher_top_k=None)
+
+
 def kd_loss(student_logits, teacher_logits, mask=None, *, kind: str = "forward_kl", temperature: float = 1.0,
             beta: float = 0.5, skew: float = 0.1, vocab_size: Optional[int] = None,
             teacher_top_k: Optional[int] = None):
@@ -371,11 +441,13 @@ def _label_nll(logp_NxV, labels_N):
 
 
 def distill_sums(s_hidden_NxD, s_head_DxV, labels_N, mask_N, t_hidden_NxD=None, t_head_DxV=None, *, alpha, kind,
-                 temperature, beta, skew, vocab_size, teacher_top_k):
+                 temperature, beta, skew, vocab_size, teacher_top_k, t_indices_NxK=None, t_logprobs_NxK=None,
+                 missing="bucket"):
   """The training objective's sums on full [N, V] logits (what `distill.fused=False` trains on).
 
   The reference for `jaxkd.fused_loss.fused_distill_sums`: the same arguments but `chunk_size`, and the same
-  `(weighted_sum, aux)`; `weighted_sum = alpha * kd_sum + (1 - alpha) * ce_sum`, the CE sum without a teacher.
+  `(weighted_sum, aux)`; `weighted_sum = alpha * kd_sum + (1 - alpha) * ce_sum`, the CE sum without a teacher. A
+  teacher known by its stored top-k comes as `t_indices_NxK` and `t_logprobs_NxK` (`sparse_divergence`).
   """
   s_logits_NxV = jnp.dot(s_hidden_NxD, s_head_DxV, preferred_element_type=jnp.float32)
   if vocab_size is not None:
@@ -385,6 +457,16 @@ def distill_sums(s_hidden_NxD, s_head_DxV, labels_N, mask_N, t_hidden_NxD=None, 
   ce_N = _label_nll(logp_NxV, labels_N)
   aux = {"ce_sum": jnp.sum(jnp.where(keep_N, ce_N, 0.0)), "count": jnp.sum(keep_N, dtype=jnp.float32),
          "correct_sum": jnp.sum(keep_N & (jnp.argmax(s_logits_NxV, -1) == labels_N), dtype=jnp.float32)}
+  if t_indices_NxK is not None:
+    kw = dict(missing=missing, vocab_size=None)
+    d_N = sparse_divergence(s_logits_NxV, t_indices_NxK, t_logprobs_NxK, kind=kind, temperature=temperature,
+                            beta=beta, skew=skew, **kw)
+    kl1_N = sparse_divergence(s_logits_NxV, t_indices_NxK, t_logprobs_NxK, kind="forward_kl", **kw)
+    top1_N = jnp.take_along_axis(t_indices_NxK, jnp.argmax(t_logprobs_NxK, -1)[:, None], axis=-1)[:, 0]
+    aux.update(kd_sum=temperature ** 2 * jnp.sum(jnp.where(keep_N, d_N, 0.0)),
+               kl1_sum=jnp.sum(jnp.where(keep_N, kl1_N, 0.0)),
+               agree_sum=jnp.sum(keep_N & (jnp.argmax(s_logits_NxV, -1) == top1_N), dtype=jnp.float32))
+    return alpha * aux["kd_sum"] + (1.0 - alpha) * aux["ce_sum"], jax.lax.stop_gradient(aux)
   if t_hidden_NxD is None:
     return aux["ce_sum"], jax.lax.stop_gradient(aux)
   t_logits_NxV = jnp.dot(t_hidden_NxD, t_head_DxV, preferred_element_type=jnp.float32)
