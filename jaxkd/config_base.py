@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.tokenizer = ""
   c.teacher.dtype = "bfloat16"  # parameters and compute
   c.teacher.attention = "auto"
+  # A folder made by `python -m jaxkd.capture` (the teacher's top-k log-probs over this run's data): the run then
+  # loads no teacher model and distils from it (jaxkd/teacher_cache). "" runs the teacher beside the student.
+  c.teacher.cache = ""
 
   c.distill = ml_collections.ConfigDict()
   c.distill.kind = "forward_kl"  # forward_kl | reverse_kl | jsd | tvd | skew_kl
@@ -63,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.beta = 0.5  # jsd mixture weight
   c.distill.skew = 0.1  # skew_kl mixture weight
   c.distill.teacher_top_k = ml_collections.FieldReference(None, field_type=int)
+  # With a cached teacher (teacher.cache), how the vocabulary outside its stored top-k counts (losses.MISSING_MASS):
+  # "bucket" (one more category holding the teacher's rest: the student keeps the teacher's confidence) or
+  # "renormalize" (both renormalised over the k tokens).
+  c.distill.missing_mass = "bucket"
   c.distill.vocab_size = ml_collections.FieldReference(None, field_type=int)  # default: the tokenizer's size
   c.distill.fused = True  # chunked loss that never builds [tokens, vocab] logits
   c.distill.chunk_size = 1024
@@ -116,6 +123,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.aot.search = False
   c.aot.remat_choices = ""  # comma-separated student.remat policies the search may use; "" = student.remat
   c.aot.max_batch = 4096  # rows: the search's upper bound
+
+  # python -m jaxkd.capture: the teacher's top-k over this run's training rows, once (jaxkd/capture.py).
+  c.capture = ml_collections.ConfigDict()
+  c.capture.dir = ""
+  c.capture.top_k = 64  # log-probs stored per trained token
+  c.capture.rows = 0  # training rows to capture; 0: all a run of `steps` steps reads
+  c.capture.shard_batches = 16  # batches a shard holds (the unit a rerun resumes from)
 
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True
@@ -275,6 +289,16 @@ def validate(c) -> None:
   bad = [p for p in aot_remat_choices(c) if p not in transformer_lib.REMAT_POLICIES]
   need(not bad, "aot.remat_choices", f"{bad} unknown; use comma-separated {', '.join(transformer_lib.REMAT_BY_COST)}")
   need(c.aot.max_batch >= 1, "aot.max_batch", "must be >= 1 (rows)")
+  need(c.capture.top_k >= 1, "capture.top_k", "must be >= 1")
+  need(c.capture.rows >= 0, "capture.rows", "must be >= 0 (0: all a run of `steps` steps reads)")
+  need(c.capture.shard_batches >= 1, "capture.shard_batches", "must be >= 1")
+  need(c.distill.missing_mass in losses.MISSING_MASS, "distill.missing_mass",
+       f"use one of {', '.join(losses.MISSING_MASS)}")
+  if c.teacher.cache:
+    need(c.distill.kind in losses.KD_KINDS and c.distill.hidden.weight == 0, "teacher.cache",
+         "holds the teacher's log-probs, for logit distillation only: hidden-state distillation needs the model")
+    need(c.distill.teacher_top_k is None, "distill.teacher_top_k",
+         "selects from a full teacher; a cache is already the teacher's top-k (capture.top_k)")
   try:  # the data keys too, before a model is read: a misspelt value must not wait for a 7B teacher to load
     data_config.check(c.data)
   except data_config.DataError as e:
@@ -295,7 +319,7 @@ def validate(c) -> None:
   need(c.optimizer.lr >= 0, "optimizer.lr", "must be >= 0")
   need(c.data.seq_len >= 2, "data.seq_len", "must be >= 2")
   need(bool(c.student.path), "student.path", "is empty; set it to an HF folder, a hub id or tiny:student")
-  if step.loss_config(c).uses_teacher:
+  if step.loss_config(c).uses_teacher and not c.teacher.cache:
     need(bool(c.teacher.path), "teacher.path", "is empty but distillation needs a teacher "
          "(or set distill.alpha=0 and distill.hidden.weight=0 for plain SFT)")
 

@@ -80,7 +80,7 @@ def load_tokenizers(c, lc: step_lib.LossConfig, *, presets_ok: bool = False) -> 
   """The tokenizers of run config `c`; the one place that decides whether the teacher's differs. With
   `presets_ok` (ahead-of-time compiles), a preset hub id that is not here gets a `PresetTokenizer`."""
   tok = _tokenizer(c.student, presets_ok=presets_ok)
-  if not lc.uses_teacher:
+  if not lc.uses_teacher or lc.cached:  # a cache's tokens are checked against the student's, row by row
     return Tokenizers(tok, None)
   t_tok = _tokenizer(c.teacher, presets_ok=presets_ok)
   if _same(tok, t_tok):
@@ -127,7 +127,7 @@ def load_models(c, mesh, lc: step_lib.LossConfig, *, abstract_student: bool, abs
     student = load_model(c.student, dtype=c.student.param_dtype, compute_dtype=c.student.compute_dtype,
                          remat=c.student.remat, attention=c.student.attention, mesh=mesh, abstract=abstract_student)
     teacher = None
-    if lc.uses_teacher:
+    if lc.uses_teacher and not lc.cached:
       teacher = load_model(c.teacher, dtype=c.teacher.dtype, compute_dtype=c.teacher.dtype, remat="none",
                            attention=c.teacher.attention, mesh=mesh, abstract=abstract_teacher)
   return student, teacher
@@ -189,6 +189,7 @@ class Program:
   student_def: Any
   projector_def: Any
   teacher: signals.TeacherSource | None
+  eval_lc: step_lib.LossConfig  # lc, but for held-out data: from a teacher cache, the student's CE alone
   params: dict  # {"student", "projector"?}: arrays, or ShapeDtypeStructs of abstract models
   teacher_params: Any
   state_shardings: step_lib.TrainState
@@ -216,6 +217,9 @@ class Program:
     a = lengths["align"]
     shapes.update(align_student=((rows, a), np.int32), align_teacher=((rows, a), np.int32),
                   align_mask=((rows, a), np.float32))
+    if self.lc.cached:  # k as captured (as capture.top_k says for a cache still to be made)
+      k = cache_k(self.config)
+      shapes.update(teacher_indices=((rows, t, k), np.int32), teacher_logprobs=((rows, t, k), np.float32))
     return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=s) for k, s in self.batch_shardings.items()}
 
   def abstract_inputs(self) -> tuple:
@@ -242,19 +246,31 @@ def build(c, mesh, student, teacher, projector, lc: step_lib.LossConfig) -> Prog
   if teacher is not None:
     teacher_def, t_state = nnx.split(teacher)
     teacher_params, teacher_sh = nnx.to_pure_dict(t_state), shd.module_shardings(mesh, teacher)
-  source = signals.online(teacher_def)
+  source = signals.CachedTeacher() if lc.cached else signals.online(teacher_def)
+  eval_lc = dataclasses.replace(lc, alpha=0.0, cached=False) if lc.cached else lc
   batch_sh = shd.batch_shardings(mesh, lc.batch_keys())
   train_step = step_lib.make_train_step(student_def, source, optimizer, lr_schedule, lc, projector_def=projector_def,
                                         state_shardings=state_sh, teacher_shardings=teacher_sh,
                                         batch_shardings=batch_sh)
-  eval_step = step_lib.make_eval_step(student_def, source, lc, projector_def=projector_def, param_shardings=param_sh,
-                                      teacher_shardings=teacher_sh, batch_shardings=batch_sh)
+  eval_step = step_lib.make_eval_step(student_def, source, eval_lc, projector_def=projector_def,
+                                      param_shardings=param_sh, teacher_shardings=teacher_sh,
+                                      batch_shardings=shd.batch_shardings(mesh, eval_lc.batch_keys()))
   return Program(config=c, mesh=mesh, lc=lc, student_cfg=student.cfg,
                  teacher_cfg=teacher.cfg if teacher is not None else None, optimizer=optimizer,
                  lr_schedule=lr_schedule, student_def=student_def, projector_def=projector_def, teacher=source,
+                 eval_lc=eval_lc,
                  params=params, teacher_params=teacher_params,
                  state_shardings=state_sh, teacher_shardings=teacher_sh, batch_shardings=batch_sh,
                  train_step=train_step, eval_step=eval_step)
+
+
+def cache_k(c) -> int:
+  """The k of the run's teacher cache (capture.top_k where the cache is not made yet)."""
+  from jaxkd.teacher_cache import store  # pylint: disable=import-outside-toplevel
+
+  if os.path.isfile(os.path.join(c.teacher.cache, "manifest.json")):
+    return int(store.read_manifest(c.teacher.cache)["k"])
+  return int(c.capture.top_k)
 
 
 def abstract_program(c, devices=None) -> Program:

@@ -28,6 +28,8 @@ class TeacherSignal:
   last_hidden_NxD: jax.Array | None = None  # final hidden state at each student token (logit KD)
   head_DxV: jax.Array | None = None  # the teacher's output head: logits = last_hidden @ head (logit KD)
   hidden_states: jax.Array | None = None  # [L + 1, B, T, D] every layer's output (hidden-state KD)
+  indices_NxK: jax.Array | None = None  # a cached teacher: its top-k token ids at each student token (logit KD)
+  logprobs_NxK: jax.Array | None = None  # and their log-probs at temperature 1
 
 
 class TeacherSource(Protocol):
@@ -55,6 +57,18 @@ class OnlineTeacher:
       signal = signal.replace(last_hidden_NxD=out.last_hidden.reshape(-1, out.last_hidden.shape[-1]),
                               head_DxV=teacher.head_kernel())
     return jax.lax.stop_gradient(signal)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedTeacher:
+  """The teacher's top-k log-probs, captured once (`python -m jaxkd.capture`) and read with the batch
+  ("teacher_indices", "teacher_logprobs" [B, T, k]); no teacher model, so its input is None."""
+
+  def __call__(self, teacher_input, batch: dict, lc) -> TeacherSignal:
+    del teacher_input
+    k = batch["teacher_indices"].shape[-1]
+    return jax.lax.stop_gradient(TeacherSignal(indices_NxK=batch["teacher_indices"].reshape(-1, k),
+                                               logprobs_NxK=batch["teacher_logprobs"].reshape(-1, k)))
 
 
 def online(teacher_def) -> OnlineTeacher | None:

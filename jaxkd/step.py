@@ -55,6 +55,10 @@ class LossConfig:
   vocab_size: int | None = None
   layer_pairs: tuple[tuple[int, int], ...] = ()
   cross_tokenizer: bool = False
+  # The teacher is a cache of its top-k log-probs (teacher.cache), read with the batch; `missing_mass` says how
+  # the rest of the vocabulary counts (losses.MISSING_MASS).
+  cached: bool = False
+  missing_mass: str = "bucket"
 
   @property
   def logit_kd(self) -> bool:
@@ -70,7 +74,8 @@ class LossConfig:
 
   def batch_keys(self) -> tuple[str, ...]:
     extra = TEACHER_KEYS if self.cross_tokenizer and self.uses_teacher else ()
-    return STUDENT_KEYS + extra
+    cached = CACHE_KEYS if self.cached and self.logit_kd else ()
+    return STUDENT_KEYS + extra + cached
 
 
 def loss_config(c, *, vocab_size: int | None = None, layer_pairs=(), cross_tokenizer: bool = False) -> LossConfig:
@@ -82,9 +87,11 @@ def loss_config(c, *, vocab_size: int | None = None, layer_pairs=(), cross_token
       teacher_top_k=d.teacher_top_k, fused=bool(d.fused), chunk_size=int(d.chunk_size),
       micro_batches=int(c.optimizer.micro_batches), hidden_weight=float(d.hidden.weight), hidden_loss=d.hidden.loss,
       hidden_layer_norm=bool(d.hidden.layer_norm), vocab_size=vocab_size, layer_pairs=tuple(map(tuple, layer_pairs)),
-      cross_tokenizer=bool(cross_tokenizer))
+      cross_tokenizer=bool(cross_tokenizer), cached=bool(c.teacher.cache), missing_mass=d.missing_mass)
 
 
+# A cached teacher's top-k at each token, [rows, seq_len, k]: int32 ids and float32 log-probs at temperature 1.
+CACHE_KEYS = ("teacher_indices", "teacher_logprobs")
 TEACHER_KEYS = ("teacher_input_ids", "teacher_segment_ids", "teacher_positions", "align_student", "align_teacher",
                 "align_mask")
 
@@ -136,10 +143,16 @@ def objective(student, projector, signal: signals.TeacherSignal | None, batch: d
   loss_kw = dict(alpha=lc.alpha if lc.logit_kd else 0.0, kind=lc.kind if lc.logit_kd else "forward_kl",
                  temperature=lc.temperature, beta=lc.beta, skew=lc.skew, vocab_size=lc.vocab_size,
                  teacher_top_k=lc.teacher_top_k)
+  cached = lc.logit_kd and signal.indices_NxK is not None
   if lc.fused:
+    if cached:
+      loss_kw.update(teacher_indices=signal.indices_NxK, teacher_logprobs=signal.logprobs_NxK,
+                     missing=lc.missing_mass)
     token_sum, aux = fused_loss.fused_distill_sums(s_hidden_NxD, student.head_kernel(), labels_N, mask_N,
                                                     t_hidden_NxD, t_head, chunk_size=lc.chunk_size, **loss_kw)
   else:
+    if cached:
+      loss_kw.update(t_indices_NxK=signal.indices_NxK, t_logprobs_NxK=signal.logprobs_NxK, missing=lc.missing_mass)
     token_sum, aux = losses.distill_sums(s_hidden_NxD, student.head_kernel(), labels_N, mask_N, t_hidden_NxD,
                                          t_head, **loss_kw)
   if not lc.logit_kd:  # CE alone here; its weight is 1 - alpha (1 for SFT, where alpha = 0)
@@ -164,8 +177,9 @@ def metrics_from_sums(aux, lc: LossConfig, n_hidden=None) -> dict:
   count = jnp.maximum(aux["count"], 1.0)
   out = {"ce": aux["ce_sum"] / count, "accuracy": aux["correct_sum"] / count, "tokens": aux["count"]}
   if "kl1_sum" in aux:  # a teacher's logits were computed
-    out.update(kd=aux["kd_sum"] / count, kl_t1=aux["kl1_sum"] / count, teacher_ce=aux["teacher_ce_sum"] / count,
-               agreement=aux["agree_sum"] / count)
+    out.update(kd=aux["kd_sum"] / count, kl_t1=aux["kl1_sum"] / count, agreement=aux["agree_sum"] / count)
+    if "teacher_ce_sum" in aux:  # not from a cache: the label's teacher log-prob is stored only in its top-k
+      out["teacher_ce"] = aux["teacher_ce_sum"] / count
   if "hidden_sum" in aux and n_hidden is not None:
     out["hidden"] = aux["hidden_sum"] / (jnp.maximum(n_hidden, 1.0) * len(lc.layer_pairs))
   return out

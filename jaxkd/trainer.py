@@ -106,11 +106,27 @@ class Run:
     else:
       make = lambda split: data.make_loader(c.data, split=split, **kw)
     train = make("train")
+    if c.teacher.cache:
+      train = self._cache_loader(train)
     try:
       return train, make("eval")
     except data.DataError as e:  # no held-out data configured: train without evaluation
       log.warning("no evaluation: %s", e)
       return train, None
+
+  def _cache_loader(self, data_loader):
+    """The train batches from the teacher cache, checked row by row against `data_loader`'s."""
+    from jaxkd import teacher_cache  # pylint: disable=import-outside-toplevel
+    from jaxkd.teacher_cache import loader as cache_loader, store  # pylint: disable=import-outside-toplevel
+
+    c = self.config
+    if c.debug.data_processes:
+      raise config_base.ConfigError("config.debug.data_processes cannot imitate processes over a teacher cache")
+    cache = teacher_cache.open(c.teacher.cache)
+    cache_loader.check_identity(cache, store.identity(c, self.tokenizer, len(cache), with_teacher=False))
+    return cache_loader.CacheLoader(cache, data_loader, batch_size=c.data.batch_size,
+                                    process_index=jax.process_index(), process_count=jax.process_count(),
+                                    steps=c.steps)
 
   def _checkpointer(self) -> ckpt_lib.Checkpointer:
     c = self.config
@@ -237,9 +253,9 @@ class Run:
     else:
       self.loader.set_state(states[jax.process_index()])
 
-  def _global_batch(self, loader, *, poison: bool = False) -> dict:
+  def _global_batch(self, loader, *, poison: bool = False, lc=None) -> dict:
     local = next(loader)
-    local = {k: local[k] for k in self.loss_cfg.batch_keys()}
+    local = {k: local[k] for k in (lc or self.loss_cfg).batch_keys()}
     if poison:  # debug.poison_step: a target id past the vocabulary makes the cross entropy NaN (test hook)
       local["targets"] = np.full_like(local["targets"], np.iinfo(np.int32).max)
     return data.global_batch(local, self.mesh)
@@ -276,7 +292,7 @@ class Run:
       return None
     self.eval_loader.set_state(self.eval_start)
     out = step_lib.evaluate(self.program.eval_step, params, self.program.teacher_params,
-                            self._batches(self.eval_loader), self.loss_cfg)
+                            self._batches(self.eval_loader), self.program.eval_lc)
     if out is None:
       raise data.DataError("the eval split is empty: raise data.eval_fraction or check data.eval_split")
     return out
@@ -284,7 +300,7 @@ class Run:
   def _batches(self, loader):
     while True:
       try:
-        yield self._global_batch(loader)
+        yield self._global_batch(loader, lc=self.program.eval_lc)
       except StopIteration:
         return
 

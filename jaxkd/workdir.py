@@ -27,7 +27,7 @@ log = logging.getLogger("jaxkd")
 # later learning rate, so only a constant schedule can be extended.
 NOT_IDENTITY = ("workdir", "log_every", "progress", "checkpoint_every", "max_to_keep", "eval_every", "overwrite",
                 "nonfinite", "export.", "debug.", "distributed.", "mesh.", "data.cache_dir", "data.num_workers",
-                "data.encode_chunk", "data.prefetch", "data.eval_batches", "samples.", "aot.",
+                "data.encode_chunk", "data.prefetch", "data.eval_batches", "samples.", "aot.", "capture.",
                 # how the same numbers are computed: a run may resume on another chip or memory budget
                 "student.attention", "teacher.attention", "student.remat")
 

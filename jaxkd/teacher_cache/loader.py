@@ -1,0 +1,81 @@
+"""The training batches of a run that distils from a teacher cache.
+
+The cache holds the run's own training rows with the teacher's top-k at each trained token, in the order the run
+reads them (`jaxkd.capture`). `CacheLoader` serves them as the data loader's batches plus "teacher_indices" and
+"teacher_logprobs" [rows, seq_len, k], and runs the run's data loader beside it to check that every row's tokens are
+the ones the run would train on: a cache of other data, tokenizer or template fails at the first row that differs,
+named. Its position (the next batch and the data loader's own) goes into the checkpoint, as the data loader's does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxkd.teacher_cache.store import ROW_KEYS, Cache, CacheError, differences
+
+
+def check_identity(cache: Cache, expected: dict) -> None:
+  """Refuses a cache made from another setup than `expected` (`jaxkd.capture.identity` of this run), naming each
+  difference; the teacher's weights and the number of rows do not count (a run may read fewer rows)."""
+  stored = cache.manifest
+  skip = ("rows", "teacher", "shard_batches", "k", "vocab_size")
+  differ = differences({k: stored.get(k) for k in expected if k not in skip},
+                       {k: v for k, v in expected.items() if k not in skip})
+  if differ:
+    raise CacheError(f"the teacher cache {cache.directory} was captured for another setup: {'; '.join(differ)}. "
+                     "Capture it again with this config (python -m jaxkd.capture), or run with the cache's settings")
+  if not stored.get("complete", False):
+    raise CacheError(f"the capture in {cache.directory} did not finish: rerun python -m jaxkd.capture with the "
+                     "same config to complete it")
+
+
+class CacheLoader:
+  """Batches of one process from the cache, in the run's order, checked against the run's own data loader."""
+
+  def __init__(self, cache: Cache, data_loader, *, batch_size: int, process_index: int, process_count: int,
+               steps: int):
+    self.cache, self.data = cache, data_loader
+    self.rows = batch_size // process_count
+    self.batch_size, self.offset = batch_size, process_index * self.rows
+    needed = steps * batch_size
+    if needed > len(cache):
+      raise CacheError(f"this run reads {needed} rows ({steps} steps x {batch_size}) but the teacher cache "
+                       f"{cache.directory} holds {len(cache)}: capture more (capture.rows={needed}, or the run's "
+                       "steps) or lower steps")
+    self._batch = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    expected = next(self.data)
+    first = self._batch * self.batch_size + self.offset
+    rows = [self.cache[first + i] for i in range(self.rows)]
+    for i, row in enumerate(rows):
+      for key in ROW_KEYS:
+        if not np.array_equal(row[key], expected[key][i]):
+          bad = int(np.flatnonzero(row[key] != expected[key][i])[0]) if row[key].shape == expected[key][i].shape \
+              else "its length"
+          raise CacheError(f"row {first + i} of the teacher cache {self.cache.directory} is not the row this run "
+                           f"reads there: {key} differs at position {bad}. The cache was captured from other data "
+                           "(or another tokenizer, template or seed): capture it again with this config")
+    self._batch += 1
+    out = {key: np.stack([r[key] for r in rows]) for key in ROW_KEYS}
+    out["teacher_indices"] = np.stack([r["indices"] for r in rows])
+    out["teacher_logprobs"] = np.stack([r["logprobs"] for r in rows])
+    return out
+
+  def get_state(self) -> dict:
+    return {"cache_batch": self._batch, "data": self.data.get_state()}
+
+  def set_state(self, state) -> None:
+    self._batch = int(state["cache_batch"])
+    self.data.set_state(state["data"])
+
+  def close(self) -> None:
+    self.data.close()
+
+  def summary(self) -> str:
+    m = self.cache.manifest
+    return (f"{self.data.summary()}\nteacher: the cache {self.cache.directory} ({len(self.cache)} rows, top "
+            f"{m['k']} log-probs of {m['teacher']['path']} at each trained token); no teacher model loaded")
