@@ -337,3 +337,14 @@ def test_against_distillkit(tmp_path, cfg):
     np.testing.assert_array_equal(cap[i]["indices"][:-1], ids)
     # Bit for bit but the order of a float32 sum of six terms.
     np.testing.assert_allclose(cap[i]["logprobs"][:-1], values, rtol=0, atol=1e-5)
+
+
+def test_non_finite_signal(tmp_path):
+  """A NaN coefficient (what DistillKit stores for a top-k with -inf in it) is an error that names the position."""
+  write_capture(str(tmp_path), BUDGET, [5, 6], files=(("data_0.parquet", 1),))
+  nan_coeff = list(np.array([np.nan], np.float32).tobytes())
+  _rewrite_row(str(tmp_path), 1, lambda row: row["compressed_logprobs"][4].__setitem__(slice(2, 6), nan_coeff))
+  cap = DistillKitCapture(str(tmp_path))
+  cap[0]
+  with pytest.raises(DistillKitError, match="row 1 .*position 4 decodes to non-finite"):
+    cap[1]

@@ -343,7 +343,13 @@ class DistillKitCapture:
     n = len(logprob_NxB)
     if n:
       indices_TxK[:n] = s.decode_indices(index_NxB)
-      logprobs_TxK[:n] = s.decode_logprobs(logprob_NxB)
+      with np.errstate(over="ignore", invalid="ignore"):
+        logprobs_TxK[:n] = s.decode_logprobs(logprob_NxB)
+      bad = np.flatnonzero(~np.isfinite(logprobs_TxK[:n]).all(-1))
+      if len(bad):
+        # DistillKit's fit turns a top-k the teacher left short (-inf) into NaN; corrupt bytes do the same.
+        raise DistillKitError(f"{where}: the signal at position {bad[0]} decodes to non-finite log-probs "
+                              f"({len(bad)} positions in the row)")
       signal_mask_T[:n] = True
     return {"input_ids": ids_T.astype(np.int32), "indices": indices_TxK, "logprobs": logprobs_TxK,
             "signal_mask": signal_mask_T}
