@@ -123,6 +123,11 @@ class Run:
     if c.debug.data_processes:
       raise config_base.ConfigError("config.debug.data_processes cannot imitate processes over a teacher cache")
     cache = teacher_cache.open(c.teacher.cache)
+    if isinstance(cache, teacher_cache.DistillKitCapture):  # its rows are the training data
+      data_loader.close()
+      return cache_loader.DistillKitLoader(cache, seq_len=c.data.seq_len, batch_size=c.data.batch_size,
+                                           process_index=jax.process_index(), process_count=jax.process_count(),
+                                           steps=c.steps)
     cache_loader.check_identity(cache, store.identity(c, self.tokenizer, len(cache), with_teacher=False))
     return cache_loader.CacheLoader(cache, data_loader, batch_size=c.data.batch_size,
                                     process_index=jax.process_index(), process_count=jax.process_count(),

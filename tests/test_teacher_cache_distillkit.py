@@ -348,3 +348,32 @@ def test_non_finite_signal(tmp_path):
   cap[0]
   with pytest.raises(DistillKitError, match="row 1 .*position 4 decodes to non-finite"):
     cap[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training from a capture
+
+
+def test_a_run_trains_from_a_distillkit_capture(tmp_path):
+  """Its rows are the training data; ids of the teacher's padded rows (790 here, past the student's 768-token
+  vocabulary) are dropped by the loss, never gathered out of range; every position with a signal is trained."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  from jaxkd import teacher_cache, trainer  # pylint: disable=import-outside-toplevel
+  from tests.runs import load_config  # pylint: disable=import-outside-toplevel
+
+  folder = str(tmp_path / "dk")
+  write_capture(folder, BUDGET, [MAX_LEN] * 12 + [9, 17, 3, 12], files=(("data_0.parquet", 1),))
+  assert isinstance(teacher_cache.open(folder), DistillKitCapture)
+  run = trainer.Run(load_config(**{"workdir": str(tmp_path / "run"), "teacher.cache": folder, "steps": 2,
+                                   "data.seq_len": 32, "samples.count": 0, "export.enabled": False,
+                                   "eval_every": 0}))
+  assert run.teacher is None and "DistillKit capture" in run.loader.summary()
+  first = next(run.loader)
+  run.loader.set_state({"cache_batch": 0})
+  assert first["teacher_indices"].shape == (8, 32, BUDGET["k"]) and (first["teacher_indices"] >= 768).any()
+  np.testing.assert_array_equal(first["loss_mask"].sum(1), [MAX_LEN - 1] * 8)  # 23 signals, 23 inputs each
+  np.testing.assert_array_equal(first["targets"][:, :MAX_LEN - 2], first["input_ids"][:, 1:MAX_LEN - 1])
+  run.train()
+  steps = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl") if '"kd"' in l]
+  assert len(steps) == 2 and all(np.isfinite(s["kd"]) and s["kd"] > 0 for s in steps)

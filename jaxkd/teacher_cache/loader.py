@@ -79,3 +79,61 @@ class CacheLoader:
     m = self.cache.manifest
     return (f"{self.data.summary()}\nteacher: the cache {self.cache.directory} ({len(self.cache)} rows, top "
             f"{m['k']} log-probs of {m['teacher']['path']} at each trained token); no teacher model loaded")
+
+
+class DistillKitLoader:
+  """Batches of one process from a DistillKit capture, whose rows are the training data: each row one document,
+  its inputs the tokens that carry a signal (the last stored token is only a target), cut to `seq_len` and padded;
+  every position with a signal is trained (DistillKit captures have no assistant mask)."""
+
+  def __init__(self, capture, *, seq_len: int, batch_size: int, process_index: int, process_count: int,
+               steps: int):
+    self.cache, self.seq_len = capture, seq_len
+    self.rows = batch_size // process_count
+    self.batch_size, self.offset = batch_size, process_index * self.rows
+    needed = steps * batch_size
+    if needed > len(capture):
+      raise CacheError(f"this run reads {needed} rows ({steps} steps x {batch_size}) but the DistillKit capture "
+                       f"{capture.folder} holds {len(capture)}: lower steps")
+    self._batch = 0
+
+  def __iter__(self):
+    return self
+
+  def _row(self, i: int) -> dict[str, np.ndarray]:
+    r = self.cache[i]
+    t, k = self.seq_len, self.cache.k
+    n = min(int(r["signal_mask"].sum()), t)  # inputs: the positions with a signal
+    out = {key: np.zeros((t,), np.int32) for key in ROW_KEYS}
+    out["loss_mask"] = np.zeros((t,), np.float32)
+    out["input_ids"][:n] = r["input_ids"][:n]
+    out["targets"][:n] = r["input_ids"][1:n + 1]
+    out["loss_mask"][:n] = 1.0
+    out["segment_ids"][:n] = 1
+    out["positions"][:n] = np.arange(n)
+    out["teacher_indices"] = np.zeros((t, k), np.int32)
+    out["teacher_logprobs"] = np.full((t, k), -np.inf, np.float32)
+    out["teacher_indices"][:n] = r["indices"][:n]
+    out["teacher_logprobs"][:n] = r["logprobs"][:n]
+    return out
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    first = self._batch * self.batch_size + self.offset
+    rows = [self._row(first + i) for i in range(self.rows)]
+    self._batch += 1
+    return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
+  def get_state(self) -> dict:
+    return {"cache_batch": self._batch}
+
+  def set_state(self, state) -> None:
+    self._batch = int(state["cache_batch"])
+
+  def close(self) -> None:
+    pass
+
+  def summary(self) -> str:
+    c = self.cache.config
+    return (f"data and teacher: the DistillKit capture {self.cache.folder} ({len(self.cache)} rows, top {self.cache.k} "
+            f"of a vocabulary of {c.get('d')}, exact {c.get('exact_k')}), rows cut to {self.seq_len} tokens; no "
+            "teacher model loaded")
