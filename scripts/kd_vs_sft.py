@@ -8,6 +8,8 @@ steps are trained against the bundled trained teacher (tiny:teacher-trained):
   logit_kd       alpha = 0.5, forward KL at tau = 1
   hidden_kd      hidden-state MSE through a learned 64 -> 128 projection, plus CE
   logit_kd_tau2  the seed paper's exact recipe, alpha = 0.5 at tau = 2, for comparison
+  offline_kd     logit_kd from a teacher cache: the teacher captured once per seed's data order (python -m
+                 jaxkd.capture, top 64 log-probs a token), the student trained from it with no teacher model
 and evaluated on the held-out rows. Writes `report.json` ({"teacher": ..., "sft": ..., "logit_kd": ...,
 "hidden_kd": ..., "logit_kd_tau2": ...}, each with eval_loss and eval_accuracy averaged over seeds, plus
 per-seed values) and `curves.png` in the workdir.
@@ -36,6 +38,8 @@ MODES = {
     "hidden_kd": {"distill.alpha": 0.0, "distill.kind": "hidden", "distill.hidden.weight": 1.0,
                   "distill.hidden.layer_norm": True},
     "logit_kd_tau2": {"distill.alpha": 0.5, "distill.temperature": 2.0, "distill.kind": "forward_kl"},
+    "offline_kd": {"distill.alpha": 0.5, "distill.temperature": 1.0, "distill.kind": "forward_kl",
+                   "capture.top_k": 64},
 }
 
 
@@ -61,7 +65,7 @@ def main():
   modes = {m: MODES[m] for m in MODES if m in asked | {"sft"}}
   os.makedirs(args.workdir, exist_ok=True)
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(args.workdir, ".jax_cache"))
-  from jaxkd import reporting, tiny, trainer  # pylint: disable=import-outside-toplevel
+  from jaxkd import capture, reporting, tiny, trainer  # pylint: disable=import-outside-toplevel
 
   started = time.time()
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -69,9 +73,19 @@ def main():
   for seed in seeds:
     for mode, overrides in modes.items():
       wd = os.path.join(args.workdir, f"{mode}-seed{seed}")
+      extra = {}
+      if mode == "offline_kd":  # the teacher once over this seed's training rows, then no teacher model
+        cache_dir = os.path.join(args.workdir, f"capture-seed{seed}")
+        t0 = time.time()
+        if capture.capture(make_config(wd, seed, args.steps, {**overrides, "capture.dir": cache_dir})) != 0:
+          sys.exit("the capture was stopped (SIGTERM); rerun to continue it")
+        extra["capture_seconds"] = time.time() - t0
+        overrides = {**overrides, "teacher.cache": cache_dir}
       summary = trainer.run(make_config(wd, seed, args.steps, overrides))
+      train_rows = reporting.read_metrics(wd)[0][1:]  # the first step compiles
+      speeds = sorted(m["tokens_per_s"] for m in train_rows if "tokens_per_s" in m)
       runs[mode][seed] = {"eval_loss": summary["eval"]["loss"], "eval_accuracy": summary["eval"]["accuracy"],
-                          "workdir": wd}
+                          "tokens_per_s": speeds[len(speeds) // 2] if speeds else None, "workdir": wd, **extra}
       print(f"{mode:>13} seed {seed}: held-out loss {summary['eval']['loss']:.4f}  "
             f"accuracy {summary['eval']['accuracy']:.4f}  ({time.time() - started:.0f}s)", flush=True)
 
@@ -81,21 +95,27 @@ def main():
   for mode, per_seed in runs.items():
     losses = [r["eval_loss"] for r in per_seed.values()]
     accs = [r["eval_accuracy"] for r in per_seed.values()]
+    speeds = [r["tokens_per_s"] for r in per_seed.values() if r["tokens_per_s"]]
     report[mode] = {"eval_loss": sum(losses) / len(losses), "eval_accuracy": sum(accs) / len(accs),
+                    "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
                     "per_seed": {str(s): r for s, r in per_seed.items()}}
-  if "logit_kd" in runs:
-    behind = [s for s in seeds if not runs["logit_kd"][s]["eval_loss"] < runs["sft"][s]["eval_loss"]]
-    report["logit_kd_beats_sft_every_seed"] = not behind
+  behind = {}
+  for mode in ("logit_kd", "offline_kd"):
+    if mode in runs:
+      behind[mode] = [s for s in seeds if not runs[mode][s]["eval_loss"] < runs["sft"][s]["eval_loss"]]
+      report[f"{mode}_beats_sft_every_seed"] = not behind[mode]
   report["seconds"] = time.time() - started
   with open(os.path.join(args.workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   _plot(args.workdir, runs, reporting, heldout)
   for mode in ("teacher", *modes):
     r = report[mode]
-    print(f"{mode:>13}: held-out loss {r['eval_loss']:.4f}  accuracy {r['eval_accuracy']:.4f}")
-  if "logit_kd" in runs:
-    print("logit KD beats SFT on held-out loss for every seed" if not behind else
-          f"logit KD does not beat SFT on held-out loss for seed(s) {', '.join(map(str, behind))}")
+    speed = f"  {r['tokens_per_s']:,.0f} trained tokens/s" if r.get("tokens_per_s") else ""
+    print(f"{mode:>13}: held-out loss {r['eval_loss']:.4f}  accuracy {r['eval_accuracy']:.4f}{speed}")
+  for mode, late in behind.items():
+    name = {"logit_kd": "logit KD", "offline_kd": "offline logit KD"}[mode]
+    print(f"{name} beats SFT on held-out loss for every seed" if not late else
+          f"{name} does not beat SFT on held-out loss for seed(s) {', '.join(map(str, late))}")
   print(f"report: {os.path.join(args.workdir, 'report.json')}  plot: {os.path.join(args.workdir, 'curves.png')}  "
         f"({report['seconds']:.0f}s)")
 
@@ -115,7 +135,8 @@ def _plot(workdir, runs, reporting, teacher):
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, (ax_train, ax_eval, ax_gain) = plt.subplots(1, 3, figsize=(16, 4))
-  colors = {"sft": "tab:gray", "logit_kd": "tab:blue", "hidden_kd": "tab:orange", "logit_kd_tau2": "tab:cyan"}
+  colors = {"sft": "tab:gray", "logit_kd": "tab:blue", "hidden_kd": "tab:orange", "logit_kd_tau2": "tab:cyan",
+            "offline_kd": "tab:purple"}
   metrics = {mode: {seed: reporting.read_metrics(r["workdir"]) for seed, r in per_seed.items()}
              for mode, per_seed in runs.items()}  # (train rows, eval rows) of each run
   evals = {mode: {seed: m[1] for seed, m in per_seed.items()} for mode, per_seed in metrics.items()}

@@ -41,18 +41,25 @@ def test_bench_appends_a_train_step_row(tmp_path):
 
 def test_kd_vs_sft_writes_report_and_plot_and_plot_runs_draws_them(tmp_path):
   workdir = str(tmp_path / "kvs")
-  out = _script("kd_vs_sft.py", "--workdir", workdir, "--seeds", "0", "--steps", 3, "--modes", "logit_kd")
+  out = _script("kd_vs_sft.py", "--workdir", workdir, "--seeds", "0", "--steps", 3, "--modes", "logit_kd,offline_kd")
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
   # The verdict, in the report and printed, is the one the per-seed held-out losses give.
-  loss = {mode: report[mode]["per_seed"]["0"]["eval_loss"] for mode in ("sft", "logit_kd")}
-  beats = loss["logit_kd"] < loss["sft"]
-  assert report["logit_kd_beats_sft_every_seed"] == beats
-  verdict = ("logit KD beats SFT on held-out loss for every seed" if beats else
-             "logit KD does not beat SFT on held-out loss for seed(s) 0")
-  assert verdict in out.splitlines(), out[-2000:]
+  loss = {mode: report[mode]["per_seed"]["0"]["eval_loss"] for mode in ("sft", "logit_kd", "offline_kd")}
+  for mode, name in (("logit_kd", "logit KD"), ("offline_kd", "offline logit KD")):
+    beats = loss[mode] < loss["sft"]
+    assert report[f"{mode}_beats_sft_every_seed"] == beats
+    verdict = (f"{name} beats SFT on held-out loss for every seed" if beats else
+               f"{name} does not beat SFT on held-out loss for seed(s) 0")
+    assert verdict in out.splitlines(), out[-2000:]
   assert "hidden_kd" not in report  # not asked for (the full run: BENCHMARKS.md)
-  for mode in ("teacher", "sft", "logit_kd"):
+  # The offline run read the cache captured for its seed: 3 steps x 8 rows, top 64, and no teacher model.
+  cache = os.path.join(workdir, "capture-seed0")
+  manifest = json.load(open(os.path.join(cache, "manifest.json")))
+  assert (manifest["rows"], manifest["k"], manifest["complete"]) == (24, 64, True)
+  assert json.load(open(os.path.join(workdir, "offline_kd-seed0", "config.json")))["teacher"]["cache"] == cache
+  assert report["offline_kd"]["tokens_per_s"] > 0 and report["logit_kd"]["tokens_per_s"] > 0
+  for mode in ("teacher", "sft", "logit_kd", "offline_kd"):
     assert {"eval_loss", "eval_accuracy"} <= set(report[mode]), mode
     assert f"{mode:>13}: held-out loss {report[mode]['eval_loss']:.4f}" in out, mode  # printed as reported
     assert 0 < report[mode]["eval_loss"] < 20 and 0 <= report[mode]["eval_accuracy"] <= 1
