@@ -13,11 +13,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxkd import config_base, program
 from jaxkd import sharding as shd
@@ -100,6 +102,9 @@ def _devices(c):
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
   tpu = parse_slice(c.aot.topology)
+  # Compiling holds no TPU: let two compiles (two commands, or one beside the test suite) load libtpu at once,
+  # which its lock file otherwise refuses.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return tpu, topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu").devices
   except Exception as e:  # noqa: BLE001  (no libtpu, or a topology it does not know)
@@ -111,11 +116,16 @@ def _devices(c):
 def _compile(c, devices, prog: program.Program | None = None) -> Probe:
   start = time.time()
   prog = prog or program.abstract_program(c, devices)
+  return _compile_jitted(prog.train_step, prog.abstract_inputs(), prog.mesh, c, start)
+
+
+def _compile_jitted(jitted, abstract_args, mesh, c, start: float) -> Probe:
+  """Compiles `jitted` on `abstract_args` under `mesh`; an out-of-HBM compile becomes a Probe with the message."""
   cache = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)  # a compile-only TPU client cannot read or write it
   try:
-    with jax.set_mesh(prog.mesh):
-      compiled = prog.train_step.lower(*prog.abstract_inputs()).compile()
+    with jax.set_mesh(mesh):
+      compiled = jitted.lower(*abstract_args).compile()
   except Exception as e:  # noqa: BLE001
     text = str(e)
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
@@ -143,8 +153,11 @@ def report(c) -> int:
   print("  attention: " + "; ".join(f"{k} {v}" for k, v in kernels.items()))
   if c.aot.search:
     return search(c, tpu, devices, hosts)
-  probe = _compile(c, devices, prog)
-  seconds = time.time() - start
+  return _print(_compile(c, devices, prog), tpu, time.time() - start)
+
+
+def _print(probe: Probe, tpu: Slice, seconds: float) -> int:
+  """Prints a compile's per-chip memory against the chip's HBM; 0 if it fits, else 1."""
   if probe.error:
     print(f"  compiled in {seconds:.1f} s: out of HBM, it does not fit ({tpu.hbm_gib:g} GiB a chip). "
           "The compiler said:\n    " + "\n    ".join(probe.error.splitlines()[:6]))
@@ -160,6 +173,35 @@ def report(c) -> int:
   if not fits:
     print(_advice())
   return 0 if fits else 1
+
+
+def report_capture(c) -> int:
+  """Compiles config `c`'s capture (the teacher's forward and top-k, `jaxkd.capture`) for `c.aot.topology` and
+  prints what it needs per chip; 0 if it fits, else 1."""
+  from jaxkd import signals  # pylint: disable=import-outside-toplevel
+  from jaxkd import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from jaxkd import step as step_lib  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  tpu, devices = _devices(c)
+  start = time.time()
+  mesh = program.make_mesh(c, devices)
+  lc = step_lib.loss_config(c)
+  toks = program.load_tokenizers(c, dataclasses.replace(lc, cached=False), presets_ok=True)
+  teacher = program.load_model(c.teacher, dtype=c.teacher.dtype, compute_dtype=c.teacher.dtype, remat="none",
+                               attention=c.teacher.attention, mesh=mesh, abstract=True)
+  t_def, t_state = nnx.split(teacher)
+  t_sh = shd.module_shardings(mesh, teacher)
+  keys = ("input_ids", "segment_ids", "positions")
+  b_sh = shd.batch_shardings(mesh, keys)
+  vocab = int(c.distill.vocab_size or len(toks.student))
+  fn = jax.jit(signals.top_k_fn(t_def, c.capture.top_k, vocab, c.distill.chunk_size), in_shardings=(t_sh, b_sh))
+  batch = {k: jax.ShapeDtypeStruct((c.data.batch_size, c.data.seq_len), jnp.int32, sharding=b_sh[k]) for k in keys}
+  args = (ckpt_lib.abstract_like(nnx.to_pure_dict(t_state), t_sh), batch)
+  hosts = len({d.process_index for d in devices})
+  print(f"aot capture: {tpu.name} ({tpu.topology}: {len(devices)} chips on {hosts} host(s), {tpu.hbm_gib:g} GiB HBM "
+        f"each); the teacher's top {c.capture.top_k} over {c.data.batch_size} x {c.data.seq_len} tokens a batch")
+  return _print(_compile_jitted(fn, args, mesh, c, start), tpu, time.time() - start)
 
 
 def _fits(probe: Probe, tpu: Slice) -> bool:

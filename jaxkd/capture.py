@@ -34,49 +34,21 @@ def _local_rows(array) -> "np.ndarray":
   return np.concatenate([parts[k] for k in sorted(parts)])
 
 
-def make_topk_fn(teacher_def, k: int, vocab: int, chunk: int):
-  """jitted (teacher params, batch) -> (indices, log-probs) [B, T, k] at temperature 1 over the first `vocab`
-  columns, `chunk` tokens at a time so that no [tokens, vocab] array exists."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  def topk(params, batch):
-    teacher = nnx.merge(teacher_def, params)
-    out = teacher.forward(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                          compute_logits=False)
-    b, t, d = out.last_hidden.shape
-    h_NxD = out.last_hidden.reshape(-1, d)
-    n = h_NxD.shape[0]
-    c = min(chunk, n)
-    pad = -n % c
-    h_KxCxD = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(-1, c, d)
-    head_DxV = teacher.head_kernel()
-
-    def one(h_CxD):
-      z_CxV = jnp.dot(h_CxD, head_DxV, preferred_element_type=jnp.float32)
-      z_CxV = jnp.where(jnp.arange(z_CxV.shape[-1]) < vocab, z_CxV, -jnp.inf)  # padded rows are not tokens
-      lp_CxK, idx_CxK = jax.lax.top_k(jax.nn.log_softmax(z_CxV, axis=-1), k)
-      return idx_CxK.astype(jnp.int32), lp_CxK
-
-    idx, lp = jax.lax.map(one, h_KxCxD)
-    return idx.reshape(-1, k)[:n].reshape(b, t, k), lp.reshape(-1, k)[:n].reshape(b, t, k)
-
-  return topk
-
-
 def capture(c) -> int:
   """Captures config `c`'s teacher into `c.capture.dir`; 0 when complete, EXIT_PREEMPTED after a SIGTERM."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  from jaxkd import config_base, data, distributed, program  # pylint: disable=import-outside-toplevel
+  from jaxkd import config_base, data, distributed, program, signals  # pylint: disable=import-outside-toplevel
   from jaxkd import sharding as shd  # pylint: disable=import-outside-toplevel
   from jaxkd import step as step_lib  # pylint: disable=import-outside-toplevel
   from jaxkd.teacher_cache import store  # pylint: disable=import-outside-toplevel
 
   config_base.validate(c)
+  if c.aot.topology:  # compile for a TPU slice and report; capture nothing
+    from jaxkd import aot  # pylint: disable=import-outside-toplevel
+    return aot.report_capture(c)
   if not c.capture.dir:
     raise config_base.ConfigError("config.capture.dir is empty: name the folder the cache goes to")
   if c.teacher.cache:
@@ -114,7 +86,7 @@ def capture(c) -> int:
   t_def, t_state = nnx.split(teacher)
   params = nnx.to_pure_dict(t_state)
   keys = ("input_ids", "segment_ids", "positions")
-  topk = jax.jit(make_topk_fn(t_def, c.capture.top_k, vocab, c.distill.chunk_size),
+  topk = jax.jit(signals.top_k_fn(t_def, c.capture.top_k, vocab, c.distill.chunk_size),
                  in_shardings=(shd.module_shardings(mesh, teacher), shd.batch_shardings(mesh, keys)))
   per_shard = c.capture.shard_batches
   shards = -(-batches // per_shard)
@@ -122,13 +94,14 @@ def capture(c) -> int:
   local_rows = c.data.batch_size // jax.process_count()
   stopped = {"sigterm": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stopped.update(sigterm=True))
-  bar = tqdm(total=batches, initial=min(done * per_shard, batches), unit="batch", disable=not distributed.is_main(),
-             dynamic_ncols=True)
+  bar = tqdm(total=batches, initial=min(done * per_shard, batches), unit="batch",
+             disable=not (distributed.is_main() and c.progress), dynamic_ncols=True)
+  start, tokens = time.time(), 0
   try:
     for _ in range(min(done * per_shard, batches)):  # the data before the first unfinished shard: no teacher
       next(loader)
     for s in range(done, shards):
-      tables, start, tokens = [], time.time(), 0
+      tables = []
       for b in range(s * per_shard, min((s + 1) * per_shard, batches)):
         local = next(loader)
         batch = data.global_batch({k: local[k] for k in keys}, mesh)
@@ -150,7 +123,9 @@ def capture(c) -> int:
   distributed.barrier("jaxkd:capture-done")
   if distributed.is_main():
     store.write_manifest(directory, {**ident, "complete": True, "processes": jax.process_count()})
-    print(f"captured {rows} rows (k={c.capture.top_k}) in {directory}")
+    seconds = time.time() - start
+    print(f"captured {rows} rows (k={c.capture.top_k}) in {directory}: {tokens:,} trained tokens in {seconds:.1f} s "
+          f"({tokens / max(seconds, 1e-9):,.0f} a second)")
   return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -74,3 +75,31 @@ class CachedTeacher:
 def online(teacher_def) -> OnlineTeacher | None:
   """The online source of a teacher graphdef; None without a teacher."""
   return OnlineTeacher(teacher_def) if teacher_def is not None else None
+
+
+def top_k_fn(teacher_def, k: int, vocab: int, chunk: int):
+  """(teacher params, batch) -> the teacher's top-k (indices, log-probs) [B, T, k] at temperature 1 over the first
+  `vocab` columns, `chunk` tokens at a time so that no [tokens, vocab] array exists: what `python -m jaxkd.capture`
+  stores for a `CachedTeacher` to read back."""
+  def topk(params, batch):
+    teacher = nnx.merge(teacher_def, params)
+    out = teacher.forward(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                          compute_logits=False)
+    b, t, d = out.last_hidden.shape
+    h_NxD = out.last_hidden.reshape(-1, d)
+    n = h_NxD.shape[0]
+    c = min(chunk, n)
+    pad = -n % c
+    h_KxCxD = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(-1, c, d)
+    head_DxV = teacher.head_kernel()
+
+    def one(h_CxD):
+      z_CxV = jnp.dot(h_CxD, head_DxV, preferred_element_type=jnp.float32)
+      z_CxV = jnp.where(jnp.arange(z_CxV.shape[-1]) < vocab, z_CxV, -jnp.inf)  # padded rows are not tokens
+      lp_CxK, idx_CxK = jax.lax.top_k(jax.nn.log_softmax(z_CxV, axis=-1), k)
+      return idx_CxK.astype(jnp.int32), lp_CxK
+
+    idx, lp = jax.lax.map(one, h_KxCxD)
+    return idx.reshape(-1, k)[:n].reshape(b, t, k), lp.reshape(-1, k)[:n].reshape(b, t, k)
+
+  return topk

@@ -4,6 +4,7 @@ libtpu (the `tpu` extra, which .ci/run installs) compiles for compile-only devic
 runs.
 """
 
+import os
 import re
 
 import jax
@@ -16,6 +17,7 @@ topologies = pytest.importorskip("jax.experimental.topologies")
 
 
 def _tpu_devices(name: str):
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # as jaxkd.aot does: an aot command may run beside
   try:
     return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
   except Exception as e:  # noqa: BLE001
@@ -103,3 +105,17 @@ def test_aot_search_compiles_each_remat_choice_and_names_the_cheapest(tmp_path, 
   assert f"largest batch with remat none: 8 rows ({8 * t} tokens) a step (aot.max_batch, the search's bound)" in out
   assert "data.batch_size=8 fits; the cheapest remat that fits it: none" in out
   assert not (tmp_path / "run").exists()
+
+
+def test_the_capture_compiles_for_a_slice(tmp_path, capsys):
+  """`python -m jaxkd.capture ... --config.aot.topology=SLICE`: the teacher's forward and top-k, compiled."""
+  from jaxkd import capture  # pylint: disable=import-outside-toplevel
+  cfg = load_config(workdir=str(tmp_path / "run"), **{"aot.topology": "v5e-4", "teacher.dtype": "bfloat16",
+                                                       "capture.dir": str(tmp_path / "cache")})
+  _tpu_devices("v5e:2x2")
+  with jax.default_matmul_precision("default"):
+    assert capture.capture(cfg) == 0
+  out = capsys.readouterr().out
+  assert f"the teacher's top {cfg.capture.top_k} over 8 x {cfg.data.seq_len} tokens a batch" in out
+  assert re.search(r"total [0-9.]+ GiB of 16 GiB HBM: fits", out), out
+  assert not (tmp_path / "cache").exists()

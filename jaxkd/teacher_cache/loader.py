@@ -24,6 +24,12 @@ def check_identity(cache: Cache, expected: dict) -> None:
   if differ:
     raise CacheError(f"the teacher cache {cache.directory} was captured for another setup: {'; '.join(differ)}. "
                      "Capture it again with this config (python -m jaxkd.capture), or run with the cache's settings")
+  import jax  # pylint: disable=import-outside-toplevel
+
+  if stored.get("processes", 1) != jax.process_count():
+    raise CacheError(f"the teacher cache {cache.directory} was captured by {stored.get('processes')} process(es), "
+                     f"each reading its own share of the data, but this run has {jax.process_count()}: run with "
+                     f"distributed.num_processes={stored.get('processes')}, or capture with this many")
   if not stored.get("complete", False):
     raise CacheError(f"the capture in {cache.directory} did not finish: rerun python -m jaxkd.capture with the "
                      "same config to complete it")
