@@ -87,3 +87,36 @@ def test_two_processes_match_one_through_a_death_and_a_preemption(tmp_path):
   assert sorted(exported) == sorted(expected)
   for name in expected:
     np.testing.assert_allclose(exported[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_two_processes_capture_their_own_shards(tmp_path):
+  """`python -m jaxkd.capture` on two processes: the teacher runs sharded over both, each writes its own rows
+  (its share of the data, as its data loader reads it) into its own shards, and the cache holds every row once."""
+  from jaxkd import data, program, step, teacher_cache  # pylint: disable=import-outside-toplevel
+  cache = str(tmp_path / "cache")
+  port = runs.free_port()
+  procs = []
+  for i in range(2):
+    cmd = runs.command(str(tmp_path / "run"), **{"steps": 4, "capture.shard_batches": 2, "capture.top_k": 8,
+                                                 "capture.dir": cache, "progress": False,
+                                                 "distributed.coordinator": f"127.0.0.1:{port}",
+                                                 "distributed.num_processes": 2, "distributed.process_id": i})
+    cmd[cmd.index("jaxkd.train")] = "jaxkd.capture"
+    procs.append(runs.Proc(cmd, str(tmp_path / f"capture-p{i}.txt"), env=_env(2)))
+  for p in procs:
+    assert p.wait() == 0, p.tail()
+  assert sorted(f for f in os.listdir(cache) if f.endswith(".parquet")) == [
+      f"shard-0000{p}-0000{s}.parquet" for p in range(2) for s in range(2)]
+  rows = teacher_cache.open(cache)
+  assert len(rows) == 32 and rows.manifest["processes"] == 2 and rows.manifest["complete"]
+  cfg = runs.load_config(**{"steps": 4})
+  tokenizer = program.load_tokenizers(cfg, step.loss_config(cfg)).student  # the run's
+  for p in range(2):  # process p's rows of batch b are rows b * 8 + p * 4 + [0, 4), as its loader reads them
+    loader = data.make_loader(cfg.data, tokenizer=tokenizer,
+                              seq_len=cfg.data.seq_len, batch_size=8, seed=cfg.seed, process_index=p,
+                              process_count=2, cache_dir=str(tmp_path / "data_cache"))
+    for b in range(4):
+      want = next(loader)["input_ids"]
+      got = np.stack([rows[b * 8 + p * 4 + i]["input_ids"] for i in range(4)])
+      np.testing.assert_array_equal(got, want)
+    loader.close()
