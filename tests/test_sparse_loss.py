@@ -155,3 +155,42 @@ def test_cached_teacher_errors():
     fused_distill_sums(*args, teacher_indices=idx[:, :3], teacher_logprobs=lp, alpha=0.5)
   with pytest.raises(ValueError, match="teacher indices must be integers"):
     fused_distill_sums(*args, teacher_indices=lp, teacher_logprobs=lp, alpha=0.5)
+
+
+def test_fused_cached_loss_under_a_mesh_equals_one_device():
+  """On a (data 1, fsdp 2, tensor 4) mesh, the head split over the vocabulary and the tokens over fsdp: the same
+  sums and gradients as on one device, and no array as wide as the head (the chunk logits stay split)."""
+  import re  # pylint: disable=import-outside-toplevel
+
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  n, d, width, vocab, k = 64, 16, 256, 250, 8
+  rng = np.random.default_rng(7)
+  h = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((d, width)) * 0.5, jnp.float32)
+  zt = rng.standard_normal((n, width)) * 2
+  logp = zt - np.log(np.exp(zt).sum(-1, keepdims=True))
+  idx = np.argsort(-logp, axis=-1)[:, :k].astype(np.int32)
+  lp = np.take_along_axis(logp, idx, -1).astype(np.float32)
+  labels = jnp.asarray(rng.integers(0, vocab, n), jnp.int32)
+  mask = jnp.asarray(rng.random(n) < 0.9)
+
+  def step(h, w, idx, lp):
+    f = lambda h, w: fused_distill_sums(h, w, labels, mask, teacher_indices=idx, teacher_logprobs=lp, alpha=0.5,
+                                        kind="forward_kl", temperature=2.0, vocab_size=vocab, chunk_size=16)
+    return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h, w)
+
+  want = jax.jit(step)(h, w, jnp.asarray(idx), jnp.asarray(lp))
+  mesh = jax.make_mesh((1, 2, 4), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  tokens = NamedSharding(mesh, P(("data", "fsdp"), None))
+  args = (jax.device_put(h, tokens), jax.device_put(w, NamedSharding(mesh, P(None, "tensor"))),
+          jax.device_put(jnp.asarray(idx), tokens), jax.device_put(jnp.asarray(lp), tokens))
+  with jax.set_mesh(mesh):
+    jitted = jax.jit(step)
+    got = jitted(*args)
+    hlo = jitted.lower(*args).compile().as_text()
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  dims = {int(x) for shape in re.findall(r"\b[a-z]+\d*\[([\d,]+)\]", hlo) for x in shape.split(",")}
+  assert width // 4 in dims, "the chunk logits are split four ways"
+  assert width not in dims, sorted(dims)

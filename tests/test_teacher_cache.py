@@ -18,6 +18,7 @@ import pytest
 
 from jaxkd import capture, models, program, teacher_cache, trainer
 from jaxkd.teacher_cache import store
+from tests import runs
 from tests.runs import load_config
 
 K = 16
@@ -110,6 +111,33 @@ def test_a_run_from_the_cache_loads_no_teacher_and_learns(captured, tmp_path):
   assert last["kd"] < first["kd"] and last["loss"] < first["loss"]
 
 
+def test_a_run_from_the_cache_resumes_exactly(captured, tmp_path, monkeypatch):
+  """Stopped right after its step-3 checkpoint (the state a kill leaves), a rerun continues from the cache row
+  and data position saved there and logs bitwise the steps of an uninterrupted run."""
+  cfg, _ = captured
+  make = lambda name: load_config(**{**SETUP, "workdir": str(tmp_path / name), "teacher.cache": cfg.capture.dir,
+                                     "checkpoint_every": 3})
+  trainer.Run(make("whole")).train()
+
+  class Killed(Exception):
+    pass
+
+  save = trainer.Run._save
+
+  def save_then_die(self, state, step):
+    save(self, state, step)
+    if step == 3:
+      self.ckpt.wait()
+      raise Killed
+
+  monkeypatch.setattr(trainer.Run, "_save", save_then_die)
+  with pytest.raises(Killed):
+    trainer.Run(make("cut")).train()
+  monkeypatch.setattr(trainer.Run, "_save", save)
+  trainer.Run(make("cut")).train()
+  runs.assert_same_rows(runs.train_rows(str(tmp_path / "cut")), runs.train_rows(str(tmp_path / "whole")))
+
+
 def test_a_cache_that_cannot_serve_the_run_is_refused_naming_why(captured, tmp_path):
   cfg, _ = captured
   run = lambda **kw: trainer.Run(load_config(**{**SETUP, "workdir": str(tmp_path / "r"), "teacher.cache":
@@ -132,7 +160,8 @@ def test_a_cache_that_cannot_serve_the_run_is_refused_naming_why(captured, tmp_p
   # A damaged shard: named.
   with open(bad / "shard-00000-00001.parquet", "r+b") as f:
     f.truncate(100)
-  with pytest.raises(teacher_cache.CacheError, match=r"shard-00000-00001\.parquet is damaged or truncated"):
+  with pytest.raises(teacher_cache.CacheError,
+                     match=r"shard-00000-00001\.parquet is damaged or truncated .*process 0's rows of batches 2 to 3"):
     teacher_cache.open(str(bad))
 
 

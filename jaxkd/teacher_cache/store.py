@@ -172,7 +172,10 @@ class Cache:
       try:
         rows = pq.read_table(path, columns=["row"]).column("row").to_pylist()
       except Exception as e:  # noqa: BLE001  (pyarrow raises several kinds for a damaged file)
-        raise CacheError(f"{path} is damaged or truncated ({e}); capture its rows again: delete it and rerun "
+        process, index = map(int, _SHARD.search(path).groups())
+        per = int(self.manifest["shard_batches"])
+        raise CacheError(f"{path} is damaged or truncated ({e}): it held process {process}'s rows of batches "
+                         f"{index * per} to {(index + 1) * per - 1}; capture them again: delete it and rerun "
                          "python -m jaxkd.capture with the same config") from None
       for i, r in enumerate(rows):
         self._where[r] = (path, i)
