@@ -130,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.capture.top_k = 64  # log-probs stored per trained token
   # Nats between the stored log-probs' levels (jaxkd/teacher_cache/codec.py): each is kept within this of the
   # teacher's, as a uint8 gap below the most likely (so down to 255 steps below it). 1/16 adds under a tenth to the
-  # KL that keeping only the top-k costs; 1/8 adds about a third (scripts/cache_fidelity.py, BENCHMARKS.md).
+  # KL that keeping only the top-k costs; 1/8 adds two fifths (scripts/cache_fidelity.py, BENCHMARKS.md).
   c.capture.logprob_step = 0.0625
   c.capture.rows = 0  # training rows to capture; 0: all a run of `steps` steps reads
   c.capture.shard_batches = 16  # batches a shard holds (the unit a rerun resumes from)
