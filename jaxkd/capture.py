@@ -68,7 +68,7 @@ def capture(c) -> int:
   batches = -(-rows // c.data.batch_size)
   rows = batches * c.data.batch_size
   ident = store.identity(c, toks.student, rows)
-  ident["vocab_size"] = vocab
+  ident.update(vocab_size=vocab, logprob_step=float(c.capture.logprob_step))  # what decoding the shards needs
   if distributed.is_main():
     os.makedirs(directory, exist_ok=True)
     if os.path.isfile(os.path.join(directory, "manifest.json")):
@@ -108,7 +108,8 @@ def capture(c) -> int:
         with jax.set_mesh(mesh):
           idx, lp = topk(params, batch)
         first = b * c.data.batch_size + jax.process_index() * local_rows
-        tables.append(store.encode_rows(local, _local_rows(idx), _local_rows(lp), first))
+        tables.append(store.encode_rows(local, _local_rows(idx), _local_rows(lp), first, vocab_size=vocab,
+                                        step=c.capture.logprob_step))
         tokens += int(local["loss_mask"].sum()) * jax.process_count()
         bar.update(1)
         bar.set_postfix_str(f"{tokens / max(time.time() - start, 1e-9):,.0f} trained tokens/s")

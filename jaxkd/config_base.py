@@ -128,6 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.capture = ml_collections.ConfigDict()
   c.capture.dir = ""
   c.capture.top_k = 64  # log-probs stored per trained token
+  # Nats between the stored log-probs' levels (jaxkd/teacher_cache/codec.py): each is kept within this of the
+  # teacher's, as a uint8 gap below the most likely (so down to 255 steps below it). 1/16 adds under a tenth to the
+  # KL that keeping only the top-k costs; 1/8 adds two fifths (scripts/cache_fidelity.py, BENCHMARKS.md).
+  c.capture.logprob_step = 0.0625
   c.capture.rows = 0  # training rows to capture; 0: all a run of `steps` steps reads
   c.capture.shard_batches = 16  # batches a shard holds (the unit a rerun resumes from)
 
@@ -292,6 +296,7 @@ def validate(c) -> None:
   need(c.capture.top_k >= 1, "capture.top_k", "must be >= 1")
   need(c.capture.rows >= 0, "capture.rows", "must be >= 0 (0: all a run of `steps` steps reads)")
   need(c.capture.shard_batches >= 1, "capture.shard_batches", "must be >= 1")
+  need(c.capture.logprob_step > 0, "capture.logprob_step", "must be > 0 (nats, e.g. 0.0625)")
   need(c.distill.missing_mass in losses.MISSING_MASS, "distill.missing_mass",
        f"use one of {', '.join(losses.MISSING_MASS)}")
   if c.teacher.cache:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxkd import capture, models, program, teacher_cache, trainer
-from jaxkd.teacher_cache import store
+from jaxkd.teacher_cache import codec, store
 from tests import runs
 from tests.runs import load_config
 
@@ -57,11 +57,33 @@ def test_the_cache_holds_the_teachers_top_k_at_every_trained_token(captured):
     logp = np.asarray(jax.nn.log_softmax(z.astype(jnp.float32), axis=-1))
     want_idx = np.argsort(-logp, axis=-1, kind="stable")[:, :K]
     m = row["signal_mask"]
-    np.testing.assert_array_equal(row["indices"][m], want_idx[m])
-    want_lp = np.take_along_axis(logp, want_idx, -1)[m]
-    np.testing.assert_allclose(row["logprobs"][m], want_lp, rtol=2**-8, atol=1e-6)  # stored as bfloat16
+    # The same set of ids; their order is the stored log-probs' (ids one step apart or less may trade places).
+    np.testing.assert_array_equal(np.sort(row["indices"][m], -1), np.sort(want_idx[m], -1))
     assert np.all(np.diff(row["logprobs"][m], axis=-1) <= 0)  # most likely first
+    want_lp = np.take_along_axis(logp, row["indices"], -1)[m]
+    within_quantization(row["logprobs"][m], want_lp)
     assert np.all(row["logprobs"][~m] == -np.inf) and not row["indices"][~m].any()
+
+
+# The stored log-probs' quantization, derived from the scheme (jaxkd/teacher_cache/codec.py) at capture.logprob_step
+# = 1/16: each is anchor - gap * STEP, the gap rounded (within STEP / 2 of the exact gap below the top), the anchor
+# shared by a token's k values and off the top's log-prob by at most STEP / 2 (it scales the rounded probabilities
+# back to the teacher's top-k mass). Gaps past 255 steps are clipped: those decode higher than the teacher's.
+STEP = 1 / 16
+FLOAT_TOL = 1e-5  # float32 storage, and the capture's jitted chunked log-softmax beside the test's own
+
+
+def within_quantization(got_NxK, want_NxK):
+  top_N = np.argmax(want_NxK, -1)  # its gap is 0: it decodes to the anchor
+  top_lp_N = want_NxK.max(-1)
+  shift_N = got_NxK[np.arange(len(top_N)), top_N] - top_lp_N
+  assert np.abs(shift_N).max() <= STEP / 2 + FLOAT_TOL
+  deep_NxK = top_lp_N[:, None] - want_NxK > 255 * STEP
+  residual_NxK = got_NxK - want_NxK - shift_N[:, None]
+  assert np.abs(residual_NxK[~deep_NxK]).max() <= STEP / 2 + FLOAT_TOL  # doubling the step breaks this
+  assert np.all(got_NxK[deep_NxK] >= want_NxK[deep_NxK])
+  # The top-k's mass is the teacher's (what a loss that gives the rest to the other ids relies on).
+  np.testing.assert_allclose(np.exp(got_NxK).sum(-1), np.exp(want_NxK).sum(-1), rtol=1e-5)
 
 
 def test_the_shards_load_with_datasets(captured):
@@ -169,3 +191,68 @@ def test_a_capture_of_another_setup_is_not_continued(captured):
   cfg, tmp = captured
   with pytest.raises(teacher_cache.CacheError, match=r"another setup \(k: 16 there, 8 now\)"):
     capture.capture(_config(tmp, **{"capture.top_k": 8}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The encoding on its own, at Qwen2's vocabulary
+
+
+def _peaked_topk(rng, n, vocab, k):
+  """n tokens' top-k of peaked distributions over `vocab` ids (a few bumps over a wide tail), float64."""
+  logits_NxV = rng.normal(size=(n, vocab)) * 2.0
+  logits_NxV[np.arange(n)[:, None], rng.integers(0, vocab, (n, 3))] += [12.0, 9.0, 7.0]
+  logp_NxV = logits_NxV - np.log(np.exp(logits_NxV - logits_NxV.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits_NxV.max(-1, keepdims=True)
+  idx_NxK = np.argsort(-logp_NxV, -1)[:, :k]
+  return idx_NxK, np.take_along_axis(logp_NxV, idx_NxK, -1)
+
+
+def test_a_round_trip_is_within_the_quantization_and_a_doubled_step_is_not():
+  rng = np.random.default_rng(0)
+  vocab, k = 151_936, 128
+  idx_NxK, lp_NxK = _peaked_topk(rng, 24, vocab, k)
+  lp_NxK[:, 100:] -= 20.0  # a tail deeper than 255 steps: clipped
+  got_idx, got_lp = codec.decode(*codec.encode(idx_NxK, lp_NxK.astype(np.float32), vocab, STEP), vocab, STEP)
+  np.testing.assert_array_equal(np.sort(got_idx, -1), np.sort(idx_NxK, -1))
+  assert got_idx.dtype == np.int32 and got_lp.dtype == np.float32
+  within_quantization(got_lp, _at(idx_NxK, lp_NxK, got_idx))
+  coarse_idx, coarse_lp = codec.decode(*codec.encode(idx_NxK, lp_NxK, vocab, 2 * STEP), vocab, 2 * STEP)
+  with pytest.raises(AssertionError):
+    within_quantization(coarse_lp, _at(idx_NxK, lp_NxK, coarse_idx))
+
+
+def _at(idx_NxK, lp_NxK, where_NxK):
+  """lp_NxK's values at the ids where_NxK (a reordering of idx_NxK's in each row)."""
+  order_NxK = np.argsort(idx_NxK, -1)
+  sorted_NxK = np.take_along_axis(idx_NxK, order_NxK, -1)
+  pos_NxK = np.stack([np.searchsorted(s_K, w_K) for s_K, w_K in zip(sorted_NxK, where_NxK)])
+  return np.take_along_axis(np.take_along_axis(lp_NxK, order_NxK, -1), pos_NxK, -1)
+
+
+def test_a_tokens_bytes_are_the_documented_formula():
+  """Elias-Fano ids: k low parts of floor(log2(vocab / k)) bits and k + (vocab - 1 >> low) + 1 unary bits, padded to
+  bytes; then k uint8 gaps and a float32 anchor. At k = 128 of Qwen2's 151,936 ids: 10-bit low parts, 1,557 bits,
+  195 bytes of ids and 327 in all (DistillKit's recommended scheme: 344; MaxText's float32 + int64: 1,536)."""
+  import math  # pylint: disable=import-outside-toplevel
+  vocab, k, n = 151_936, 128, 5
+  low = math.floor(math.log2(vocab / k))
+  assert low == 10 and k * low + k + (vocab - 1) // 2**low + 1 == 1557
+  assert codec.id_bytes(k, vocab) == 195 and codec.token_bytes(k, vocab) == 327
+  assert codec.token_bytes(16, 768) == math.ceil((16 * 5 + 16 + 767 // 32 + 1) / 8) + 16 + 4 == 35
+  idx_NxK, lp_NxK = _peaked_topk(np.random.default_rng(1), n, vocab, k)
+  t = 8
+  batch = {key: np.arange(t, dtype=np.int32) for key in store.ROW_KEYS}
+  batch["loss_mask"] = (np.arange(t) % 2).astype(np.float32)  # 4 trained tokens of 8
+  batch = {key: v[None] for key, v in batch.items()}
+  idx_BxTxK = np.zeros((1, t, k), np.int32)
+  lp_BxTxK = np.zeros((1, t, k), np.float32)
+  idx_BxTxK[0, 1::2], lp_BxTxK[0, 1::2] = idx_NxK[:4], lp_NxK[:4]
+  record = store.encode_rows(batch, idx_BxTxK, lp_BxTxK, 0, vocab_size=vocab, step=STEP).to_pylist()[0]
+  stored = sum(len(record[key]) for key in ("topk_ids", "topk_gaps")) + 4 * len(record["topk_anchor"])
+  assert stored == 4 * 327
+  row = store.decode_row(record, k, "here", vocab_size=vocab, step=STEP)
+  assert row["indices"].shape == (t, k) and (row["logprobs"][::2] == -np.inf).all()
+  np.testing.assert_array_equal(np.sort(row["indices"][1::2], -1), np.sort(idx_NxK[:4], -1))
+  record["topk_ids"] = record["topk_ids"][:-1]
+  with pytest.raises(store.CacheError, match=r"here: row 0 is damaged: .*topk_ids 779 bytes"):
+    store.decode_row(record, k, "here", vocab_size=vocab, step=STEP)

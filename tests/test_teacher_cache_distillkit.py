@@ -1,9 +1,9 @@
 """The DistillKit capture reader against captures built here from the format's definition.
 
-The encoder below follows DistillKit 1.0's compressor as its source defines it (distillkit/compression/
-monotonic_logprobs.py, bitpack.py, compressor.py; sample_common.py for the Parquet schema) with its own
-arithmetic: float64 least squares, bit streams built as Python integers. It shares nothing with the reader, so a
-mistake in either shows up as a mismatch.
+The encoder (tests/distillkit_encoder.py) follows DistillKit 1.0's compressor as its source defines it
+(distillkit/compression/monotonic_logprobs.py, bitpack.py, compressor.py; sample_common.py for the Parquet schema)
+with its own arithmetic: float64 least squares, bit streams built as Python integers. It shares nothing with the
+reader, so a mistake in either shows up as a mismatch.
 """
 
 import os
@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from jaxkd.teacher_cache.distillkit import DistillKitCapture, DistillKitError, is_capture
+from tests.distillkit_encoder import basis, budget, encode_token, recommended, token_bytes
 
 D = 769  # the tokenizer's max(len(vocab) + 1, largest id): ceil(log2 769) = 10-bit ids
 TEACHER_VOCAB = 800  # the teacher's padded embedding rows: ids 769..799 exist in its top-k
@@ -24,71 +25,14 @@ MAX_LEN = 24
 SCHEMA = pa.schema([("input_ids", pa.list_(pa.uint64())),
                     ("compressed_logprobs", pa.list_(pa.list_(pa.uint8()))),
                     ("bytepacked_indices", pa.list_(pa.list_(pa.uint8())))])
-FLOATS = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 # Every field DistillKit's yaml dump writes (model_dump(mode="json") of DistributionQuantizationConfig).
-RECOMMENDED = {"d": D, "k": 128, "exact_k": 16, "exact_dtype": "bfloat16", "polynomial_terms": [0, 1, 2, 3, 4, "sqrt"],
-               "term_dtype": "float32", "residual_bins": [], "delta_encoding": False, "error_diffusion": False,
-               "normalize_t": False}
-BUDGET = {**RECOMMENDED, "k": 50, "exact_k": 1, "polynomial_terms": [0, 1, "sqrt"]}
+RECOMMENDED = recommended(D)
+BUDGET = budget(D)
 # The other paths of the format: delta encoding, residual bins (8-bit with a float16 scale, 2-bit with bfloat16).
 BINNED = {**RECOMMENDED, "exact_dtype": "float32", "polynomial_terms": [0, 1, 2, "sqrt"], "delta_encoding": True,
           "residual_bins": [{"scale_dtype": "float16", "element_bits": 8, "num_elements": 16},
                             {"scale_dtype": "bfloat16", "element_bits": 2, "num_elements": 64}]}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The independent encoder
-
-
-def pack_msb(values, bits: int) -> list[int]:
-  """Bytes of `values` written MSB first, `bits` each, into one bit stream padded with zeros to whole bytes."""
-  acc = 0
-  for v in values:
-    acc = (acc << bits) | int(v)
-  total = len(values) * bits
-  pad = -total % 8
-  return list((acc << pad).to_bytes((total + pad) // 8, "big"))
-
-
-def basis(cfg, n: int, shift: int = 0) -> np.ndarray:
-  t = np.linspace(0, 1, n) if cfg["normalize_t"] else np.arange(n, dtype=np.float64) + shift
-  return np.stack([np.sqrt(t) if p == "sqrt" else t**p for p in cfg["polynomial_terms"]], axis=-1)
-
-
-def encode_token(logprobs, indices, cfg):
-  """(compressed_logprobs bytes, bytepacked_indices bytes, the float64 log-probs the bytes describe, the original
-  log-probs and ids in the order stored)."""
-  k, e = cfg["k"], cfg["exact_k"]
-  order = np.argsort(-logprobs, kind="stable")
-  logprobs, indices = logprobs[order], indices[order]
-  values = logprobs.astype(np.float64)
-  if cfg["delta_encoding"]:
-    values = np.concatenate([values[:1], np.diff(values)]).astype(np.float32).astype(np.float64)
-  out = []
-  exact = values[:e].astype(FLOATS[cfg["exact_dtype"]])
-  out += list(exact.tobytes())
-  tail = values[e:k]
-  x = basis(cfg, k - e)
-  coeffs = np.linalg.lstsq(x, tail, rcond=None)[0].astype(FLOATS[cfg["term_dtype"]])
-  out += list(coeffs.tobytes())
-  fit = x @ coeffs.astype(np.float64)
-  residual = tail - fit
-  dequantized = np.zeros_like(tail)
-  first = 0
-  for b in cfg["residual_bins"]:
-    bits, n = b["element_bits"], b["num_elements"]
-    r = residual[first : first + n]
-    scale = np.array(max(np.abs(r).max(), 1e-30) / 2 ** (bits - 1)).astype(FLOATS[b["scale_dtype"]])
-    q = np.clip(np.round(r / float(scale)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    out += list(scale.tobytes()) + pack_msb(q + 2 ** (bits - 1), bits)
-    dequantized[first : first + n] = q * float(scale)
-    first += n
-  recon = np.concatenate([exact.astype(np.float64), fit + dequantized])
-  if cfg["delta_encoding"]:
-    recon = np.cumsum(recon)
-  bits = int(np.ceil(np.log2(cfg["d"])))
-  return out, pack_msb(indices[:k], bits), recon, logprobs[:k], indices[:k]
 
 
 def teacher_logprobs(rng, k: int):
@@ -221,6 +165,17 @@ def test_tail_within_scheme_error(capture):
   assert (err <= np.abs(recon - orig) + DECODE_TOL).all()
   if cfg["residual_bins"]:  # the 8-bit bin covers the first 16 tail ranks: about half a step of its scale
     assert err[:, :16].max() < 0.005
+
+
+def test_token_bytes_of_the_schemes():
+  """What scripts/cache_fidelity.py charges each scheme, against the encoder's own bytes: 344 and 127 a token at
+  Qwen2's 151,936 ids (18-bit ids), as DistillKit's documentation gives them."""
+  assert token_bytes(recommended(151_936)) == 288 + 16 * 2 + 6 * 4 == 344
+  assert token_bytes(budget(151_936)) == 113 + 2 + 3 * 4 == 127
+  rng = np.random.default_rng(2)
+  for cfg in (RECOMMENDED, BUDGET, BINNED):
+    values, ids, *_ = encode_token(*teacher_logprobs(rng, cfg["k"]), {**cfg, "d": TEACHER_VOCAB})
+    assert len(values) + len(ids) == token_bytes({**cfg, "d": TEACHER_VOCAB})
 
 
 # ---------------------------------------------------------------------------------------------------------------

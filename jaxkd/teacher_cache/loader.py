@@ -18,7 +18,7 @@ def check_identity(cache: Cache, expected: dict) -> None:
   """Refuses a cache made from another setup than `expected` (`jaxkd.capture.identity` of this run), naming each
   difference; the teacher's weights and the number of rows do not count (a run may read fewer rows)."""
   stored = cache.manifest
-  skip = ("rows", "teacher", "shard_batches", "k", "vocab_size")
+  skip = ("rows", "teacher", "shard_batches", "k", "vocab_size", "logprob_step")
   differ = differences({k: stored.get(k) for k in expected if k not in skip},
                        {k: v for k, v in expected.items() if k not in skip})
   if differ:

@@ -6,9 +6,15 @@ token, and a manifest.
 
 A row is one packed row of the training stream (`jaxkd.data.loader`'s arrays, [seq_len] each) in the order the run
 reads them; the teacher's signal is stored only where `loss_mask` is 1 (the tokens a run trains on), in the order of
-those positions: `topk_indices` and `topk_logprobs` hold n_trained * k values, the log-probs as bfloat16 bits at
-temperature 1 (the k most likely tokens, most likely first). Plain Parquet lists, so `datasets` loads a shard as it
-is (`datasets.load_dataset("parquet", data_files=...)`), and zstd-compressed by Parquet.
+those positions, the log-probs at temperature 1 of the k most likely tokens, in `jaxkd.teacher_cache.codec`'s
+encoding (its docstring has the bytes; scripts/cache_fidelity.py measures them against DistillKit's and MaxText's):
+
+  topk_ids      binary          n_trained * codec.id_bytes(k, vocab_size): each token's ids, an Elias-Fano set
+  topk_gaps     binary          n_trained * k: each id's log-prob below the most likely, in logprob_step units
+  topk_anchor   list<float32>   n_trained: the log-prob that gap 0 decodes to
+
+The manifest records k, vocab_size and logprob_step, which decoding needs. Plain Parquet columns, so `datasets`
+loads a shard as it is (`datasets.load_dataset("parquet", data_files=...)`), and zstd-compressed by Parquet.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ import json
 import os
 import re
 
-import ml_dtypes
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jaxkd.teacher_cache import codec
+
 FORMAT = "jaxkd-teacher-cache"
-VERSION = 1
+VERSION = 2  # 1 stored int32 ids and bfloat16 log-probs (never shipped: not read)
 ROW_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 _SHARD = re.compile(r"shard-(\d{5})-(\d{5})\.parquet$")
 
@@ -38,26 +45,29 @@ def shard_path(directory: str, process: int, index: int) -> str:
   return os.path.join(directory, f"shard-{process:05d}-{index:05d}.parquet")
 
 
-def encode_rows(batch: dict, indices_BxTxK: np.ndarray, logprobs_BxTxK: np.ndarray, first_row: int) -> pa.Table:
-  """Parquet rows of one process-local batch; `first_row` numbers them in the whole stream."""
+def encode_rows(batch: dict, indices_BxTxK: np.ndarray, logprobs_BxTxK: np.ndarray, first_row: int, *,
+                vocab_size: int, step: float) -> pa.Table:
+  """Parquet rows of one process-local batch; `first_row` numbers them in the whole stream. The top-k ids must be
+  under `vocab_size`; `step` is capture.logprob_step."""
   rows = []
   for b in range(batch["input_ids"].shape[0]):
     trained_T = batch["loss_mask"][b] > 0
-    lp = logprobs_BxTxK[b][trained_T].astype(ml_dtypes.bfloat16).view(np.uint16)
+    ids_NxB, anchor_N, gaps_NxK = codec.encode(indices_BxTxK[b][trained_T], logprobs_BxTxK[b][trained_T],
+                                               vocab_size, step)
     rows.append({"row": first_row + b, "input_ids": batch["input_ids"][b].astype(np.int32),
                  "targets": batch["targets"][b].astype(np.int32),
                  "loss_mask": batch["loss_mask"][b].astype(np.uint8),
                  "segment_ids": batch["segment_ids"][b].astype(np.int32),
                  "positions": batch["positions"][b].astype(np.int32),
-                 "topk_indices": indices_BxTxK[b][trained_T].reshape(-1).astype(np.int32),
-                 "topk_logprobs": lp.reshape(-1)})
+                 "topk_ids": ids_NxB.tobytes(), "topk_gaps": gaps_NxK.tobytes(), "topk_anchor": anchor_N})
   return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
+SIGNAL_KEYS = ("topk_ids", "topk_gaps", "topk_anchor")
 SCHEMA = pa.schema([("row", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("targets", pa.list_(pa.int32())),
                     ("loss_mask", pa.list_(pa.uint8())), ("segment_ids", pa.list_(pa.int32())),
-                    ("positions", pa.list_(pa.int32())), ("topk_indices", pa.list_(pa.int32())),
-                    ("topk_logprobs", pa.list_(pa.uint16()))])
+                    ("positions", pa.list_(pa.int32())), ("topk_ids", pa.binary()), ("topk_gaps", pa.binary()),
+                    ("topk_anchor", pa.list_(pa.float32()))])
 
 
 def write_shard(path: str, tables: list[pa.Table]) -> None:
@@ -136,23 +146,32 @@ def complete_shards(directory: str, process: int) -> int:
   return n
 
 
-def decode_row(record: dict, k: int, where: str) -> dict:
-  """A stored row as arrays: the loader's five [T] arrays, and the top-k [T, k] (indices 0 and log-probs -inf at
-  the tokens without a signal), checked against each other."""
+def decode_row(record: dict, k: int, where: str, *, vocab_size: int, step: float) -> dict:
+  """A stored row as arrays: the loader's five [T] arrays, and the top-k [T, k] (float32 log-probs most likely
+  first, int32 ids; ids 0 and log-probs -inf at the tokens without a signal), checked against each other."""
   out = {key: np.asarray(record[key], np.int32) for key in ROW_KEYS if key != "loss_mask"}
   out["loss_mask"] = np.asarray(record["loss_mask"], np.float32)
   t = out["input_ids"].shape[0]
   trained_T = out["loss_mask"] > 0
   n = int(trained_T.sum())
-  idx = np.asarray(record["topk_indices"], np.int32)
-  lp = np.asarray(record["topk_logprobs"], np.uint16)
-  if any(out[key].shape != (t,) for key in ROW_KEYS) or idx.shape != (n * k,) or lp.shape != (n * k,):
-    raise CacheError(f"{where}: row {record['row']} is damaged: its arrays do not fit {t} tokens with {n} trained "
-                     f"and k={k} (topk_indices {idx.shape[0]}, topk_logprobs {lp.shape[0]} values)")
+  ids = np.frombuffer(record["topk_ids"] or b"", np.uint8)
+  gaps = np.frombuffer(record["topk_gaps"] or b"", np.uint8)
+  anchor = np.asarray(record["topk_anchor"], np.float32)
+  per_token = codec.id_bytes(k, vocab_size)
+  damaged = (f"{where}: row {record['row']} is damaged: its arrays do not fit {t} tokens with {n} trained and k={k} "
+             f"of {vocab_size} ids (topk_ids {ids.shape[0]} bytes, topk_gaps {gaps.shape[0]}, topk_anchor "
+             f"{anchor.shape[0]} values)")
+  if any(out[key].shape != (t,) for key in ROW_KEYS) or ids.shape != (n * per_token,) or gaps.shape != (n * k,) \
+      or anchor.shape != (n,):
+    raise CacheError(damaged)
+  try:
+    idx_NxK, lp_NxK = codec.decode(ids.reshape(n, per_token), anchor, gaps.reshape(n, k), vocab_size, step)
+  except ValueError as e:
+    raise CacheError(f"{damaged}: {e}") from None
   indices_TxK = np.zeros((t, k), np.int32)
   logprobs_TxK = np.full((t, k), -np.inf, np.float32)
-  indices_TxK[trained_T] = idx.reshape(n, k)
-  logprobs_TxK[trained_T] = lp.view(ml_dtypes.bfloat16).astype(np.float32).reshape(n, k)
+  indices_TxK[trained_T] = idx_NxK
+  logprobs_TxK[trained_T] = lp_NxK
   out.update(indices=indices_TxK, logprobs=logprobs_TxK, signal_mask=trained_T)
   return out
 
@@ -164,6 +183,7 @@ class Cache:
     self.directory = directory
     self.manifest = read_manifest(directory)
     self.k = int(self.manifest["k"])
+    self.vocab_size, self.step = int(self.manifest["vocab_size"]), float(self.manifest["logprob_step"])
     self._where: dict[int, tuple[str, int]] = {}  # stream row -> (file, row inside it)
     self._files: dict[str, pq.ParquetFile] = {}
     for path in sorted(glob.glob(os.path.join(directory, "shard-*.parquet"))):
@@ -194,7 +214,7 @@ class Cache:
     path, j = self._where[i]
     table = self._table(path)
     record = {name: table.column(name)[j].as_py() for name in table.column_names}
-    return decode_row(record, self.k, path)
+    return decode_row(record, self.k, path, vocab_size=self.vocab_size, step=self.step)
 
   def _table(self, path: str) -> pa.Table:
     if path not in self._files:
