@@ -127,7 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   # python -m jaxkd.capture: the teacher's top-k over this run's training rows, once (jaxkd/capture.py).
   c.capture = ml_collections.ConfigDict()
   c.capture.dir = ""
-  c.capture.top_k = 64  # log-probs stored per trained token
+  # Log-probs stored per trained token. 128: 327 bytes a token at Qwen2's 151,936 ids, under DistillKit's
+  # recommended scheme's 344 at half its KL (BENCHMARKS.md, "Teacher cache"); 64 halves the bytes.
+  c.capture.top_k = 128
   # Nats between the stored log-probs' levels (jaxkd/teacher_cache/codec.py): each is kept within this of the
   # teacher's, as a uint8 gap below the most likely (so down to 255 steps below it). 1/16 adds under a tenth to the
   # KL that keeping only the top-k costs; 1/8 adds two fifths (scripts/cache_fidelity.py, BENCHMARKS.md).
