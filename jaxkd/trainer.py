@@ -128,7 +128,8 @@ class Run:
       return cache_loader.DistillKitLoader(cache, seq_len=c.data.seq_len, batch_size=c.data.batch_size,
                                            process_index=jax.process_index(), process_count=jax.process_count(),
                                            steps=c.steps)
-    cache_loader.check_identity(cache, store.identity(c, self.tokenizer, len(cache), with_teacher=False))
+    cache_loader.check_identity(cache, store.identity(c, self.tokenizer, len(cache), with_teacher=False),
+                                teacher_path=c.teacher.path)
     return cache_loader.CacheLoader(cache, data_loader, batch_size=c.data.batch_size,
                                     process_index=jax.process_index(), process_count=jax.process_count(),
                                     steps=c.steps)

@@ -168,6 +168,9 @@ def test_a_cache_that_cannot_serve_the_run_is_refused_naming_why(captured, tmp_p
     run(**{"data.seq_len": 64})
   with pytest.raises(teacher_cache.CacheError, match=r"reads 56 rows \(7 steps x 8\) but the teacher cache .* holds 48"):
     run(steps=7)
+  with pytest.raises(teacher_cache.CacheError, match=r"holds the log-probs of tiny:teacher-trained, but this run "
+                                                     r"names teacher.path='tiny:teacher'"):
+    run(**{"teacher.path": "tiny:teacher"})
   with pytest.raises(teacher_cache.CacheError, match="no manifest.json"):
     run(**{"teacher.cache": str(tmp_path)})
   # A row whose tokens are not the run's: named, with the position.

@@ -14,10 +14,15 @@ import numpy as np
 from jaxkd.teacher_cache.store import ROW_KEYS, Cache, CacheError, differences
 
 
-def check_identity(cache: Cache, expected: dict) -> None:
-  """Refuses a cache made from another setup than `expected` (`jaxkd.capture.identity` of this run), naming each
-  difference; the teacher's weights and the number of rows do not count (a run may read fewer rows)."""
+def check_identity(cache: Cache, expected: dict, teacher_path: str = "") -> None:
+  """Refuses a cache made from another setup than `expected` (`store.identity` of this run), naming each
+  difference; the number of rows does not count (a run may read fewer). The run has no teacher model to compare,
+  but a `teacher_path` it names must be the one captured."""
   stored = cache.manifest
+  captured = (stored.get("teacher") or {}).get("path")
+  if teacher_path and teacher_path != captured:
+    raise CacheError(f"the teacher cache {cache.directory} holds the log-probs of {captured}, but this run names "
+                     f"teacher.path={teacher_path!r}: capture that teacher, or leave teacher.path empty")
   skip = ("rows", "teacher", "shard_batches", "k", "vocab_size", "logprob_step")
   differ = differences({k: stored.get(k) for k in expected if k not in skip},
                        {k: v for k, v in expected.items() if k not in skip})
