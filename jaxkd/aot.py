@@ -27,10 +27,12 @@ from jaxkd.models import attention as attention_lib
 from jaxkd.models import hf_io
 
 GIB = 2**30
-# Per chip: HBM in GiB; the torus's dimensions; whether the slice name counts TensorCores (two a chip). Not v4:
-# its compile-only topology has a device per TensorCore, not per chip, so its per-device figures are not a chip's
-# (unchecked on a real v4).
-GENERATIONS = {"v5p": (95, 3, True), "v5e": (16, 2, False), "v6e": (32, 2, False)}
+# Per chip: HBM in GiB; the torus's dimensions; whether the slice name counts TensorCores (two a chip).
+GENERATIONS = {"v4": (32, 3, True), "v5p": (95, 3, True), "v5e": (16, 2, False), "v6e": (32, 2, False)}
+# v4's compile-only topology has a device per TensorCore unless asked for megacore chips, as JAX runs a v4 (one
+# device a chip); the host bounds are v4's 2 x 2 x 1 chips a host (MaxText's accelerator_to_spec_map says the same).
+TOPOLOGY_OPTIONS = {"v4": dict(chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1), num_slices=1,
+                               wrap=(False, False, False))}
 GRIDS = {2: {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
          3: {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}}
@@ -48,7 +50,8 @@ def parse_slice(name: str) -> Slice:
   """A slice as Cloud TPU sells it (v5e-16, v5p-8, v6e-8: TensorCores for v5p, chips for v5e and v6e) or a raw
   topology ("v5p:2x2x1"); ValueError naming the known forms otherwise."""
   known = ", ".join(f"{g}-N" for g in GENERATIONS)
-  m = re.fullmatch(r"(v5p|v5e|v6e):(\d+(?:x\d+)+)", name) or re.fullmatch(r"(v5p|v5e|v6e)-(\d+)", name)
+  gens = "|".join(GENERATIONS)
+  m = re.fullmatch(rf"({gens}):(\d+(?:x\d+)+)", name) or re.fullmatch(rf"({gens})-(\d+)", name)
   if m is None:
     raise ValueError(f"aot.topology={name!r}: use a TPU slice ({known}, e.g. v5e-16, v5p-8) or a topology such as "
                      "v5p:2x2x1")
@@ -98,15 +101,21 @@ class Probe:
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
-def _devices(c):
+def topology_devices(tpu: Slice) -> list:
+  """The compile-only devices of a slice, one a chip."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
-  tpu = parse_slice(c.aot.topology)
   # Compiling holds no TPU: let two compiles (two commands, or one beside the test suite) load libtpu at once,
   # which its lock file otherwise refuses.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  return topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu",
+                                      **TOPOLOGY_OPTIONS.get(tpu.generation, {})).devices
+
+
+def _devices(c):
+  tpu = parse_slice(c.aot.topology)
   try:
-    return tpu, topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu").devices
+    return tpu, topology_devices(tpu)
   except Exception as e:  # noqa: BLE001  (no libtpu, or a topology it does not know)
     raise config_base.ConfigError(
         f"config.aot.topology={c.aot.topology!r}: the TPU compiler could not describe {tpu.topology} ({e}); it "

@@ -4,7 +4,6 @@ libtpu (the `tpu` extra, which .ci/run installs) compiles for compile-only devic
 runs.
 """
 
-import os
 import re
 
 import jax
@@ -17,9 +16,8 @@ topologies = pytest.importorskip("jax.experimental.topologies")
 
 
 def _tpu_devices(name: str):
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # as jaxkd.aot does: an aot command may run beside
   try:
-    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    return aot.topology_devices(aot.parse_slice(name))
   except Exception as e:  # noqa: BLE001
     pytest.skip(f"no TPU compiler here (pip install -e \".[tpu]\"): {e}")
 
@@ -45,17 +43,20 @@ def test_kd_step_compiles_for_a_tpu_topology_with_splash_per_shard(tmp_path):
 
 
 @pytest.mark.parametrize("name,topology,hbm", [("v5e-16", "v5e:4x4", 16), ("v5p-8", "v5p:2x2x1", 95),
-                                               ("v6e-8", "v6e:2x4", 32),
-                                               ("v5p:2x2x2", "v5p:2x2x2", 95)])
+                                               ("v6e-8", "v6e:2x4", 32), ("v4-8", "v4:2x2x1", 32),
+                                               ("v4-16", "v4:2x2x2", 32), ("v5p:2x2x2", "v5p:2x2x2", 95)])
 def test_slice_names_are_the_compilers_topologies(name, topology, hbm):
   """Cloud TPU counts v4 and v5p slices in TensorCores (two a chip), v5e and v6e in chips."""
   tpu = aot.parse_slice(name)
   assert (tpu.topology, tpu.hbm_gib) == (topology, hbm)
-  assert len(_tpu_devices(topology)) == {"v5e:4x4": 16, "v5p:2x2x1": 4, "v6e:2x4": 8, "v5p:2x2x2": 8}[topology]
+  devices = _tpu_devices(name)  # one a chip: v4 as megacore chips, as JAX runs it
+  assert len(devices) == {"v5e:4x4": 16, "v5p:2x2x1": 4, "v6e:2x4": 8, "v4:2x2x1": 4, "v4:2x2x2": 8,
+                          "v5p:2x2x2": 8}[topology]
+  assert len({(tuple(d.coords), d.core_on_chip) for d in devices}) == len({tuple(d.coords) for d in devices})
 
 
 def test_unknown_slices_are_refused_at_start():
-  for bad in ("v5e-12", "v4-8", "v5p:2x2"):
+  for bad in ("v5e-12", "v3-8", "v5p:2x2"):
     with pytest.raises(config_base.ConfigError, match=r"config\.aot\.topology="):
       config_base.validate(load_config(**{"aot.topology": bad}))
 
