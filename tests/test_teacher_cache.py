@@ -120,6 +120,27 @@ def test_a_capture_cut_short_and_rerun_gives_the_same_shards(captured, tmp_path,
     assert a.equals(b), name
 
 
+def test_a_capture_killed_mid_way_and_rerun_gives_the_shards_of_an_uninterrupted_one(tmp_path):
+  """kill -9 once three shards are written (the fourth under way), then the same command again: every shard equals
+  the one an uninterrupted capture writes, bitwise."""
+  overrides = {**SETUP, "steps": 16, "capture.shard_batches": 1, "progress": False,
+               "capture.dir": str(tmp_path / "killed")}
+  cmd = runs.command(str(tmp_path / "run"), **overrides)
+  cmd[cmd.index("jaxkd.train")] = "jaxkd.capture"
+  proc = runs.Proc(cmd, str(tmp_path / "capture.txt"))
+  shard = lambda i: store.shard_path(overrides["capture.dir"], 0, i)
+  proc.wait_for(lambda: os.path.exists(shard(2)), "three shards")
+  proc.kill()
+  written = [i for i in range(16) if os.path.exists(shard(i))]
+  assert 3 <= len(written) < 16 and not store.read_manifest(overrides["capture.dir"])["complete"], written
+  rc, out = runs.run(cmd, str(tmp_path / "again.txt"))
+  assert rc == 0, out[-3000:]
+  assert capture.capture(load_config(**{**overrides, "capture.dir": str(tmp_path / "whole")})) == 0
+  for i in range(16):
+    a, b = (pq.read_table(store.shard_path(str(tmp_path / d), 0, i)) for d in ("killed", "whole"))
+    assert a.equals(b), i
+
+
 def test_a_run_from_the_cache_loads_no_teacher_and_learns(captured, tmp_path):
   cfg, _ = captured
   run = trainer.Run(load_config(**{**SETUP, "workdir": str(tmp_path / "run"), "teacher.cache": cfg.capture.dir,
