@@ -4,11 +4,11 @@
 The settings are those of configs/llama_to_stablelm_hidden.py (the 8B teacher) with the 70B in its place: no logit
 term, since the tokenizers differ; hidden states compared where a teacher token and a student token end at the
 same character; student layer i meets teacher layer round(i * 80 / 24) through a learned 2048 -> 8192 projection.
-The teacher is held in bfloat16, 141 GB of weights: it needs a slice, and at 64 x 4096 tokens a step (the hub
-configs' batch) more than the ones measured in BENCHMARKS.md; check a slice and a batch before renting it:
+The teacher is held in bfloat16, 141 GB (131.4 GiB) of weights, so it needs a TPU slice. BENCHMARKS.md has the
+compiler's figures: this config as written (64 x 4096 tokens a step) fits a v5p-32, 8 x 2048 a v5p-8, and no v5e
+slice measured holds it. Check a slice and a batch before renting it:
 
-  JAX_PLATFORMS=cpu python -m jaxkd.train --config configs/llama70b_to_stablelm_hidden.py \\
-    --config.aot.topology=v5p-32 --config.data.batch_size=16 --config.data.seq_len=2048
+  JAX_PLATFORMS=cpu python -m jaxkd.train --config configs/llama70b_to_stablelm_hidden.py --config.aot.topology=v5p-32
 
   python -m jaxkd.train --config configs/llama70b_to_stablelm_hidden.py --config.workdir=/path/to/run
 """
