@@ -198,6 +198,7 @@ REAL_COUNTS = {
     "Qwen/Qwen2-1.5B": 1_543_714_304,
     "Qwen/Qwen2-7B": 7_615_616_512,
     "meta-llama/Llama-3.1-8B": 8_030_261_248,
+    "meta-llama/Llama-3.1-70B": 70_553_706_496,
     "stabilityai/stablelm-2-1_6b": 1_644_515_328,
 }
 

@@ -29,6 +29,16 @@ PRESETS = {
                          "original_max_position_embeddings": 8192, "rope_type": "llama3"},
         "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
         "vocab_size": 128256},
+    "meta-llama/Llama-3.1-70B": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu",
+        "hidden_size": 8192, "initializer_range": 0.02, "intermediate_size": 28672,
+        "max_position_embeddings": 131072, "mlp_bias": False, "num_attention_heads": 64, "num_hidden_layers": 80,
+        "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 128256},
     "stabilityai/stablelm-2-1_6b": {
         "architectures": ["StableLmForCausalLM"], "model_type": "stablelm", "bos_token_id": 100257,
         "eos_token_id": 100257, "hidden_act": "silu", "hidden_dropout": 0.0, "attention_dropout": 0.0,

@@ -1,0 +1,31 @@
+"""The seed paper's flagship pair: Llama-3.1-70B (width 8192, 80 layers, Llama-3 tokenizer) into StableLM-2-1.6B
+(width 2048, 24 layers, its own tokenizer), by hidden states.
+
+The settings are those of configs/llama_to_stablelm_hidden.py (the 8B teacher) with the 70B in its place: no logit
+term, since the tokenizers differ; hidden states compared where a teacher token and a student token end at the
+same character; student layer i meets teacher layer round(i * 80 / 24) through a learned 2048 -> 8192 projection.
+The teacher is held in bfloat16, 141 GB (131.4 GiB) of weights, so it needs a TPU slice. BENCHMARKS.md has the
+compiler's figures: this config as written (64 x 4096 tokens a step) fits a v5p-32, 8 x 2048 a v5p-8, and no v5e
+slice measured holds it. Check a slice and a batch before renting it:
+
+  JAX_PLATFORMS=cpu python -m jaxkd.train --config configs/llama70b_to_stablelm_hidden.py --config.aot.topology=v5p-32
+
+  python -m jaxkd.train --config configs/llama70b_to_stablelm_hidden.py --config.workdir=/path/to/run
+"""
+
+from jaxkd.config_base import base_config, hub_defaults
+
+
+def get_config():
+  c = hub_defaults(base_config())
+  c.workdir = "workdir/llama70b_to_stablelm_hidden"
+  c.student.path = "stabilityai/stablelm-2-1_6b"
+  c.teacher.path = "meta-llama/Llama-3.1-70B"
+  c.teacher.dtype = "bfloat16"  # hub_defaults' too; said here because the slice it needs depends on it
+  c.distill.kind = "hidden"
+  c.distill.alpha = 0.0
+  c.distill.hidden.weight = 1.0
+  c.distill.hidden.loss = "cosine"
+  c.distill.hidden.layer_norm = True
+  c.data.teacher_seq_len = 4096
+  return c
