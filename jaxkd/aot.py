@@ -25,6 +25,7 @@ from jaxkd import config_base, program
 from jaxkd import sharding as shd
 from jaxkd.models import attention as attention_lib
 from jaxkd.models import hf_io
+from jaxkd.models import transformer as transformer_lib
 
 GIB = 2**30
 # Per chip: HBM in GiB; the torus's dimensions; whether the slice name counts TensorCores (two a chip).
@@ -162,15 +163,15 @@ def report(c) -> int:
   print("  attention: " + "; ".join(f"{k} {v}" for k, v in kernels.items()))
   if c.aot.search:
     return search(c, tpu, devices, hosts)
-  return _print(_compile(c, devices, prog), tpu, time.time() - start)
+  return _print(_compile(c, devices, prog), tpu, time.time() - start, _advice(c))
 
 
-def _print(probe: Probe, tpu: Slice, seconds: float) -> int:
+def _print(probe: Probe, tpu: Slice, seconds: float, advice: str) -> int:
   """Prints a compile's per-chip memory against the chip's HBM; 0 if it fits, else 1."""
   if probe.error:
     print(f"  compiled in {seconds:.1f} s: out of HBM, it does not fit ({tpu.hbm_gib:g} GiB a chip). "
           "The compiler said:\n    " + "\n    ".join(probe.error.splitlines()[:6]))
-    print(_advice())
+    print(advice)
     return 1
   m = probe.memory
   fits = _fits(probe, tpu)
@@ -180,7 +181,7 @@ def _print(probe: Probe, tpu: Slice, seconds: float) -> int:
         f"{m.alias_size_in_bytes / GIB:.2f}); total "
         f"{probe.total / GIB:.2f} GiB of {tpu.hbm_gib:g} GiB HBM: {'fits' if fits else 'does NOT fit'}")
   if not fits:
-    print(_advice())
+    print(advice)
   return 0 if fits else 1
 
 
@@ -210,7 +211,7 @@ def report_capture(c) -> int:
   hosts = len({d.process_index for d in devices})
   print(f"aot capture: {tpu.name} ({tpu.topology}: {len(devices)} chips on {hosts} host(s), {tpu.hbm_gib:g} GiB HBM "
         f"each); the teacher's top {c.capture.top_k} over {c.data.batch_size} x {c.data.seq_len} tokens a batch")
-  return _print(_compile_jitted(fn, args, mesh, c, start), tpu, time.time() - start)
+  return _print(_compile_jitted(fn, args, mesh, c, start), tpu, time.time() - start, _advice(c, training=False))
 
 
 def _fits(probe: Probe, tpu: Slice) -> bool:
@@ -249,7 +250,7 @@ def search(c, tpu: Slice, devices, hosts: int) -> int:
   cheapest = next((r for r, rows in largest.items() if rows >= c.data.batch_size), None)
   if cheapest is None:
     print(f"  data.batch_size={c.data.batch_size} fits with none of them")
-    print(_advice())
+    print(_advice(c))
     return 1
   print(f"  data.batch_size={c.data.batch_size} fits; the cheapest remat that fits it: {cheapest}")
   return 0
@@ -309,7 +310,15 @@ def _on_the_line(seen: dict[int, tuple[bool, float]], limit: float, lo: int, hi:
   return None if k >= hi else max(k, lo + 1)
 
 
-def _advice() -> str:
-  return ("  to fit: lower data.batch_size (or raise optimizer.micro_batches: the same batch in smaller pieces), "
-          "set student.remat to dots_no_batch_attention or full, lower distill.chunk_size, or take a larger "
-          "slice")
+def _advice(c, *, training: bool = True) -> str:
+  """What to change, from what the config already has (a remat it uses is not suggested again)."""
+  if not training:  # the capture: a forward pass and one chunk of logits
+    return ("  to fit: lower data.batch_size or distill.chunk_size, keep the teacher in bfloat16 (teacher.dtype), or "
+            "take a larger slice")
+  order = transformer_lib.REMAT_BY_COST
+  more = [p for p in order[order.index(c.student.remat) + 1:]] if c.student.remat in order else []
+  remat = f", set student.remat to {' or '.join(dict.fromkeys([more[0], more[-1]]))} (now {c.student.remat})" \
+      if more else ""
+  return (f"  to fit: lower data.batch_size (or raise optimizer.micro_batches, now {c.optimizer.micro_batches}: the "
+          f"same batch in smaller pieces){remat}, lower distill.chunk_size (now {c.distill.chunk_size}), or take a "
+          "larger slice")

@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from jaxkd import aot, config_base, program
+from jaxkd.models import transformer
 from tests.runs import load_config
 
 topologies = pytest.importorskip("jax.experimental.topologies")
@@ -86,6 +87,9 @@ def test_a_step_too_big_for_the_chip_is_named_with_the_figures_and_the_fix(tmp_p
   assert re.search(r"out of HBM, it does not fit \(16 GiB a chip\).*RESOURCE_EXHAUSTED.*exceeds available HBM", out,
                    re.S), out
   assert "to fit: lower data.batch_size" in out
+  order = transformer.REMAT_BY_COST
+  now = order.index(cfg.student.remat)
+  assert f"set student.remat to {order[now + 1]}" in out and f"(now {cfg.student.remat})" in out, out
 
 
 def test_aot_search_compiles_each_remat_choice_and_names_the_cheapest(tmp_path, capsys):
