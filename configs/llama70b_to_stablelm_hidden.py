@@ -13,19 +13,15 @@ slice measured holds it. Check a slice and a batch before renting it:
   python -m jaxkd.train --config configs/llama70b_to_stablelm_hidden.py --config.workdir=/path/to/run
 """
 
-from jaxkd.config_base import base_config, hub_defaults
+import os
+
+from jaxkd import config_base
 
 
 def get_config():
-  c = hub_defaults(base_config())
+  # The 8B pair's config, one place for every setting the two share.
+  c = config_base.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_to_stablelm_hidden.py"))
   c.workdir = "workdir/llama70b_to_stablelm_hidden"
-  c.student.path = "stabilityai/stablelm-2-1_6b"
   c.teacher.path = "meta-llama/Llama-3.1-70B"
   c.teacher.dtype = "bfloat16"  # hub_defaults' too; said here because the slice it needs depends on it
-  c.distill.kind = "hidden"
-  c.distill.alpha = 0.0
-  c.distill.hidden.weight = 1.0
-  c.distill.hidden.loss = "cosine"
-  c.distill.hidden.layer_norm = True
-  c.data.teacher_seq_len = 4096
   return c

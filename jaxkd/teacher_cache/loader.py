@@ -40,37 +40,52 @@ def check_identity(cache: Cache, expected: dict, teacher_path: str = "") -> None
                      "same config to complete it")
 
 
-class CacheLoader:
-  """Batches of one process from the cache, in the run's order, checked against the run's own data loader."""
+class _StreamRows:
+  """Rows b * batch_size + process_index * rows + [0, rows) of a cache for batch b: one process's share, in the
+  run's order; a run that needs more rows than the cache holds is refused at start."""
 
-  def __init__(self, cache: Cache, data_loader, *, batch_size: int, process_index: int, process_count: int,
-               steps: int):
-    self.cache, self.data = cache, data_loader
+  def __init__(self, cache, *, batch_size: int, process_index: int, process_count: int, steps: int, what: str,
+               fix: str):
+    self.cache = cache
     self.rows = batch_size // process_count
     self.batch_size, self.offset = batch_size, process_index * self.rows
     needed = steps * batch_size
     if needed > len(cache):
-      raise CacheError(f"this run reads {needed} rows ({steps} steps x {batch_size}) but the teacher cache "
-                       f"{cache.directory} holds {len(cache)}: capture more (capture.rows={needed}, or the run's "
-                       "steps) or lower steps")
+      raise CacheError(f"this run reads {needed} rows ({steps} steps x {batch_size}) but {what} holds "
+                       f"{len(cache)}: {fix.format(needed=needed)}")
     self._batch = 0
 
   def __iter__(self):
     return self
 
+  def _next_rows(self) -> list[int]:
+    first = self._batch * self.batch_size + self.offset
+    self._batch += 1
+    return list(range(first, first + self.rows))
+
+
+class CacheLoader(_StreamRows):
+  """Batches of one process from the cache, in the run's order, checked against the run's own data loader."""
+
+  def __init__(self, cache: Cache, data_loader, *, batch_size: int, process_index: int, process_count: int,
+               steps: int):
+    super().__init__(cache, batch_size=batch_size, process_index=process_index, process_count=process_count,
+                     steps=steps, what=f"the teacher cache {cache.directory}",
+                     fix="capture more (capture.rows={needed}, or the run's steps) or lower steps")
+    self.data = data_loader
+
   def __next__(self) -> dict[str, np.ndarray]:
     expected = next(self.data)
-    first = self._batch * self.batch_size + self.offset
-    rows = [self.cache[first + i] for i in range(self.rows)]
+    numbers = self._next_rows()
+    rows = [self.cache[r] for r in numbers]
     for i, row in enumerate(rows):
       for key in ROW_KEYS:
         if not np.array_equal(row[key], expected[key][i]):
           bad = int(np.flatnonzero(row[key] != expected[key][i])[0]) if row[key].shape == expected[key][i].shape \
               else "its length"
-          raise CacheError(f"row {first + i} of the teacher cache {self.cache.directory} is not the row this run "
+          raise CacheError(f"row {numbers[i]} of the teacher cache {self.cache.directory} is not the row this run "
                            f"reads there: {key} differs at position {bad}. The cache was captured from other data "
                            "(or another tokenizer, template or seed): capture it again with this config")
-    self._batch += 1
     out = {key: np.stack([r[key] for r in rows]) for key in ROW_KEYS}
     out["teacher_indices"] = np.stack([r["indices"] for r in rows])
     out["teacher_logprobs"] = np.stack([r["logprobs"] for r in rows])
@@ -92,24 +107,16 @@ class CacheLoader:
             f"{m['k']} log-probs of {m['teacher']['path']} at each trained token); no teacher model loaded")
 
 
-class DistillKitLoader:
+class DistillKitLoader(_StreamRows):
   """Batches of one process from a DistillKit capture, whose rows are the training data: each row one document,
   its inputs the tokens that carry a signal (the last stored token is only a target), cut to `seq_len` and padded;
   every position with a signal is trained (DistillKit captures have no assistant mask)."""
 
   def __init__(self, capture, *, seq_len: int, batch_size: int, process_index: int, process_count: int,
                steps: int):
-    self.cache, self.seq_len = capture, seq_len
-    self.rows = batch_size // process_count
-    self.batch_size, self.offset = batch_size, process_index * self.rows
-    needed = steps * batch_size
-    if needed > len(capture):
-      raise CacheError(f"this run reads {needed} rows ({steps} steps x {batch_size}) but the DistillKit capture "
-                       f"{capture.folder} holds {len(capture)}: lower steps")
-    self._batch = 0
-
-  def __iter__(self):
-    return self
+    super().__init__(capture, batch_size=batch_size, process_index=process_index, process_count=process_count,
+                     steps=steps, what=f"the DistillKit capture {capture.folder}", fix="lower steps")
+    self.seq_len = seq_len
 
   def _row(self, i: int) -> dict[str, np.ndarray]:
     r = self.cache[i]
@@ -129,9 +136,7 @@ class DistillKitLoader:
     return out
 
   def __next__(self) -> dict[str, np.ndarray]:
-    first = self._batch * self.batch_size + self.offset
-    rows = [self._row(first + i) for i in range(self.rows)]
-    self._batch += 1
+    rows = [self._row(r) for r in self._next_rows()]
     return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
   def get_state(self) -> dict:
