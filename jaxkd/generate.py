@@ -3,7 +3,7 @@
   python -m jaxkd.generate --model workdir/tiny_logit/export --prompt "What is 3 + 4?"
 
 The prompt batch is left-padded and run through the model once (prefill); then one token per step is
-appended to the cache, each step one compiled call.
+appended to the cache, the whole loop compiled into one call on the device (`sample_on_device`).
 """
 
 from __future__ import annotations
@@ -33,10 +33,48 @@ def sample_logits(logits_BxV, key, *, temperature: float = 0.0, top_k: int | Non
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def sample_on_device(model, ids_BxP, mask_BxP, key, *, max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None, vocab_size: int | None = None):
+  """Up to `max_new_tokens` new tokens for each left-padded prompt row, the whole loop on the device (traceable:
+  call it under `jax.jit`; no host round trip per token): (tokens [B, N] int32, lengths [B] int32). A row stops
+  after an eos id (kept) or N tokens; its slots past `lengths` hold 0. The prompt is one prefill through the
+  model's KV cache, then one token a step through the same cache."""
+  b, p = ids_BxP.shape
+  vocab = vocab_size or model.cfg.vocab_size
+  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+
+  def next_logits(ids, mask, cache):
+    out = model.forward(ids, attention_mask=mask, cache=cache)
+    return out.logits[:, -1, :vocab], out.cache  # padded embedding rows are never sampled
+
+  pick = lambda logits, k: sample_logits(logits, k, temperature=temperature, top_k=top_k, top_p=top_p)
+  key, sub = jax.random.split(key)
+  logits, cache = next_logits(ids_BxP, mask_BxP, model.init_cache(b, p + max_new_tokens))
+  ones = jnp.ones((b, 1), jnp.int32)
+
+  def more(carry):
+    i, _, _, _, _, _, done = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def step(carry):
+    i, token, cache, key, tokens_BxN, lengths, done = carry
+    tokens_BxN = tokens_BxN.at[:, i].set(jnp.where(done, 0, token))
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(token, eos)
+    key, sub = jax.random.split(key)
+    logits, cache = next_logits(token[:, None], ones, cache)
+    return i + 1, pick(logits, sub), cache, key, tokens_BxN, lengths, done
+
+  carry = (jnp.int32(0), pick(logits, sub), cache, key, jnp.zeros((b, max_new_tokens), jnp.int32),
+           jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
+  _, _, _, _, tokens_BxN, lengths, _ = jax.lax.while_loop(more, step, carry)
+  return tokens_BxN, lengths
+
+
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              vocab_size: int | None = None) -> list[list[int]]:
-  """New token ids for each prompt (stopping at an eos id, which is kept), as lists."""
+  """New token ids for each prompt (stopping at an eos id, which is kept), as lists (`sample_on_device`)."""
   b, p = len(prompts), max(len(x) for x in prompts)
   problem = model.cfg.too_long(p + max_new_tokens, what=f"prompt ({p}) + max_new_tokens ({max_new_tokens})",
                                name="model", fix="shorten the prompt or lower max_new_tokens")
@@ -47,33 +85,15 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids=()
   for i, x in enumerate(prompts):  # left padding: every row's next token goes to the same slot
     ids[i, p - len(x):], mask[i, p - len(x):] = x, 1
   graphdef, state = nnx.split(model)
-  vocab = vocab_size or model.cfg.vocab_size
 
   @jax.jit
-  def step(state, ids, mask, cache, key):
-    out = nnx.merge(graphdef, state).forward(ids, attention_mask=mask, cache=cache)
-    logits = out.logits[:, -1, :vocab]  # padded embedding rows are never sampled
-    return sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p), out.cache
+  def run(state, ids, mask, key):
+    return sample_on_device(nnx.merge(graphdef, state), ids, mask, key, max_new_tokens=max_new_tokens,
+                            eos_ids=tuple(eos_ids), temperature=temperature, top_k=top_k, top_p=top_p,
+                            vocab_size=vocab_size)
 
-  cache = model.init_cache(b, p + max_new_tokens)
-  key = jax.random.key(seed)
-  key, sub = jax.random.split(key)
-  token, cache = step(state, ids, mask, cache, sub)
-  eos = np.asarray(list(eos_ids), np.int32)
-  out = [[] for _ in range(b)]
-  done = np.zeros(b, bool)
-  ones = np.ones((b, 1), np.int32)
-  for i in range(max_new_tokens):
-    tok = np.asarray(token)
-    for r in range(b):
-      if not done[r]:
-        out[r].append(int(tok[r]))
-    done |= np.isin(tok, eos)
-    if done.all() or i == max_new_tokens - 1:
-      break
-    key, sub = jax.random.split(key)
-    token, cache = step(state, tok[:, None], ones, cache, sub)
-  return out
+  tokens, lengths = jax.device_get(run(state, ids, mask, jax.random.key(seed)))
+  return [tokens[r, :lengths[r]].tolist() for r in range(b)]
 
 
 def encode_prompt(tokenizer, text: str, *, chat: bool = True, system: str | None = None) -> list[int]:
