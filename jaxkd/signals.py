@@ -90,7 +90,7 @@ def top_k_fn(teacher_def, k: int, vocab: int, chunk: int):
     n = h_NxD.shape[0]
     c = min(chunk, n)
     pad = -n % c
-    h_KxCxD = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(-1, c, d)
+    h_GxCxD = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(-1, c, d)
     head_DxV = teacher.head_kernel()
 
     def one(h_CxD):
@@ -99,7 +99,7 @@ def top_k_fn(teacher_def, k: int, vocab: int, chunk: int):
       lp_CxK, idx_CxK = jax.lax.top_k(jax.nn.log_softmax(z_CxV, axis=-1), k)
       return idx_CxK.astype(jnp.int32), lp_CxK
 
-    idx, lp = jax.lax.map(one, h_KxCxD)
+    idx, lp = jax.lax.map(one, h_GxCxD)
     return idx.reshape(-1, k)[:n].reshape(b, t, k), lp.reshape(-1, k)[:n].reshape(b, t, k)
 
   return topk
