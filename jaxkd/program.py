@@ -267,10 +267,12 @@ def build(c, mesh, student, teacher, projector, lc: step_lib.LossConfig) -> Prog
 def cache_k(c) -> int:
   """The k of the run's teacher cache (capture.top_k where the cache is not made yet)."""
   from jaxkd import teacher_cache  # pylint: disable=import-outside-toplevel
+  from jaxkd.teacher_cache import store  # pylint: disable=import-outside-toplevel
 
-  if os.path.isfile(os.path.join(c.teacher.cache, "manifest.json")) or teacher_cache.is_capture(c.teacher.cache):
-    rows = teacher_cache.open(c.teacher.cache)
-    return int(rows.k)
+  if os.path.isfile(os.path.join(c.teacher.cache, "manifest.json")):  # the manifest says; no shard is read
+    return int(store.read_manifest(c.teacher.cache)["k"])
+  if teacher_cache.is_capture(c.teacher.cache):
+    return int(teacher_cache.DistillKitCapture(c.teacher.cache).k)
   return int(c.capture.top_k)
 
 

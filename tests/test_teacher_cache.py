@@ -280,3 +280,17 @@ def test_a_tokens_bytes_are_the_documented_formula():
   record["topk_ids"] = record["topk_ids"][:-1]
   with pytest.raises(store.CacheError, match=r"here: row 0 is damaged: .*topk_ids 779 bytes"):
     store.decode_row(record, k, "here", vocab_size=vocab, step=STEP)
+
+
+def test_a_run_from_the_cache_builds_abstractly_for_an_ahead_of_time_compile(captured):
+  """`program.abstract_program` of a run from the cache (what `aot.topology` compiles): no teacher, the cache's k
+  from its manifest in the batch's shapes, and the step lowers on them."""
+  cfg, _ = captured
+  # capture.top_k says 8 here: the shapes must come from the cache (k = 16), not from the key.
+  prog = program.abstract_program(load_config(**{**SETUP, "teacher.cache": cfg.capture.dir, "capture.top_k": 8}))
+  assert prog.teacher_params is None and prog.lc.cached
+  batch = prog.abstract_batch()
+  assert batch["teacher_indices"].shape == (cfg.data.batch_size, cfg.data.seq_len, K)
+  assert batch["teacher_logprobs"].dtype == np.float32
+  with jax.set_mesh(prog.mesh):
+    prog.train_step.lower(*prog.abstract_inputs())
