@@ -163,7 +163,16 @@ def report(c) -> int:
   print("  attention: " + "; ".join(f"{k} {v}" for k, v in kernels.items()))
   if c.aot.search:
     return search(c, tpu, devices, hosts)
-  return _print(_compile(c, devices, prog), tpu, time.time() - start, _advice(c))
+  status = _print(_compile(c, devices, prog), tpu, time.time() - start, _advice(c))
+  if prog.on_policy_step is None:
+    return status
+  r = prog.rollout
+  print(f"  on-policy step ({c.distill.on_policy.fraction:g} of the steps): {'the teacher' if r.seq_kd else 'the student'} "
+        f"completes {c.data.batch_size * r.prompts_per_row} prompts of up to {r.prompt_len} tokens with up to "
+        f"{r.max_new_tokens} new ones, then trains on them")
+  start = time.time()
+  on_policy_probe = _compile_jitted(prog.on_policy_step, prog.abstract_inputs(), prog.mesh, c, start)
+  return max(status, _print(on_policy_probe, tpu, time.time() - start, _advice(c)))
 
 
 def _print(probe: Probe, tpu: Slice, seconds: float, advice: str) -> int:

@@ -105,6 +105,14 @@ def inspect(tree) -> tuple[dict[str, int], list[str]]:
   return {k: int(v) for k, v in paths(digests).items()}, [k for k, ok in paths(finite).items() if not ok]
 
 
+def _tree(state: TrainState) -> dict:
+  """What a checkpoint holds of a TrainState: every field but an absent sampling key (no on-policy steps)."""
+  tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  if state.rng is not None:
+    tree["rng"] = state.rng
+  return tree
+
+
 class Checkpointer:
   """`CheckpointManager` over `workdir/checkpoints` with items state (arrays), data and meta (JSON)."""
 
@@ -133,7 +141,7 @@ class Checkpointer:
   def save(self, state: TrainState, data_states: list, meta: dict, *, step: int) -> None:
     """Starts writing `step` in the background; `data_states` holds every process's data position."""
     self.raise_if_failed(wait=True)
-    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    tree = _tree(state)
     checksums, nonfinite = inspect(tree)
     if nonfinite:
       raise NonFiniteError(
@@ -183,7 +191,7 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, list, dict]:
     """Restores `step` straight onto the shardings carried by `abstract_state`'s ShapeDtypeStructs and checks
     it against the checksums saved with it; returns (state, every process's data position, meta)."""
-    target = {"step": abstract_state.step, "params": abstract_state.params, "opt_state": abstract_state.opt_state}
+    target = _tree(abstract_state)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=_MetaRestore()))
     tree, meta = out["state"], out["meta"]
@@ -196,7 +204,7 @@ class Checkpointer:
                               f"{wrong[:3]}: the files were changed or cut short after the save")
     data = out["data"]
     states = data["processes"] if isinstance(data, dict) and "processes" in data else [data]
-    return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"]), states, meta
+    return TrainState(**tree), states, meta
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=_MetaRestore()))["meta"]

@@ -82,6 +82,17 @@ def base_config() -> ml_collections.ConfigDict:
   # [[student, teacher], ...] hidden-state indices (0 = embeddings, L = last layer); None: every student
   # layer paired with the evenly spaced teacher layer, last with last.
   c.distill.hidden.layer_map = ml_collections.FieldReference(None, field_type=list)
+  # On-policy distillation (GKD; jaxkd/on_policy.py): on a share of the steps the student completes the batch's
+  # prompts itself and learns the teacher's distribution on its own tokens (the divergence alone, alpha taken as
+  # 1). Needs the teacher model (not teacher.cache) and logit distillation. Sampling defaults are TRL's GKDTrainer's.
+  c.distill.on_policy = ml_collections.ConfigDict()
+  c.distill.on_policy.fraction = 0.0  # lambda: the share of steps on sampled completions; 0: off
+  c.distill.on_policy.seq_kd = False  # the teacher writes the completions (sequence-level KD), with alpha's mix
+  c.distill.on_policy.max_new_tokens = 128  # N; prompts keep their last data.seq_len - N tokens
+  c.distill.on_policy.temperature = 0.9  # 0: greedy
+  c.distill.on_policy.top_p = 1.0
+  c.distill.on_policy.top_k = 0  # 0: all tokens
+  c.distill.on_policy.prompts_per_row = 1  # conversations of each packed row completed (the first ones)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-4
@@ -173,6 +184,7 @@ def tiny_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.eval_batches = 4
   c.data.seq_len = 128
   c.data.batch_size = 8
+  c.distill.on_policy.max_new_tokens = 64  # the bundled chats' answers are shorter; prompts keep 64 tokens
   return c
 
 
@@ -306,6 +318,7 @@ def validate(c) -> None:
          "holds the teacher's log-probs, for logit distillation only: hidden-state distillation needs the model")
     need(c.distill.teacher_top_k is None, "distill.teacher_top_k",
          "selects from a full teacher; a cache is already the teacher's top-k (capture.top_k)")
+  _check_on_policy(c, need)
   try:  # the data keys too, before a model is read: a misspelt value must not wait for a 7B teacher to load
     data_config.check(c.data)
   except data_config.DataError as e:
@@ -329,6 +342,27 @@ def validate(c) -> None:
   if step.loss_config(c).uses_teacher and not c.teacher.cache:
     need(bool(c.teacher.path), "teacher.path", "is empty but distillation needs a teacher "
          "(or set distill.alpha=0 and distill.hidden.weight=0 for plain SFT)")
+
+
+def _check_on_policy(c, need) -> None:
+  o = c.distill.on_policy
+  need(0.0 <= o.fraction <= 1.0, "distill.on_policy.fraction", "must be in [0, 1] (the share of on-policy steps)")
+  if not o.fraction:
+    return
+  need(c.distill.kind in losses.KD_KINDS and c.distill.alpha > 0, "distill.on_policy.fraction",
+       "trains the student towards the teacher's distribution on sampled tokens: it needs logit distillation "
+       f"(distill.kind one of {', '.join(losses.KD_KINDS)}, distill.alpha > 0)")
+  need(not c.teacher.cache, "teacher.cache",
+       "holds the teacher's log-probs on the dataset's tokens only; on-policy distillation scores tokens the "
+       "student samples during training, so it needs the teacher model: set teacher.path and teacher.cache=\"\" "
+       "(or distill.on_policy.fraction=0)")
+  need(1 <= o.max_new_tokens < c.data.seq_len, "distill.on_policy.max_new_tokens",
+       f"must be in [1, data.seq_len={c.data.seq_len}): a sampled row holds the prompt's last seq_len - "
+       "max_new_tokens tokens and the completion")
+  need(o.temperature >= 0, "distill.on_policy.temperature", "must be >= 0 (0 = greedy)")
+  need(0.0 < o.top_p <= 1.0, "distill.on_policy.top_p", "must be in (0, 1] (1 = no nucleus cut)")
+  need(o.top_k >= 0, "distill.on_policy.top_k", "must be >= 0 (0 = all tokens)")
+  need(o.prompts_per_row >= 1, "distill.on_policy.prompts_per_row", "must be >= 1")
 
 
 def _get(c, dotted: str):

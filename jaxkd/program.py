@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxkd import checkpoint as ckpt_lib
-from jaxkd import config_base, data, hidden, models, optim, signals, step as step_lib, tiny
+from jaxkd import config_base, data, generate, hidden, models, on_policy, optim, signals, step as step_lib, tiny
 from jaxkd import sharding as shd
 from jaxkd.models import presets
 
@@ -197,13 +197,23 @@ class Program:
   batch_shardings: dict
   train_step: Any  # jitted (state, teacher_params, batch) -> (state, metrics)
   eval_step: Any  # jitted (params, teacher_params, batch) -> aux sums
+  rollout: on_policy.Rollout | None = None  # on-policy steps' sampling settings; None: off
+  on_policy_step: Any = None  # jitted like train_step: samples completions of the batch's prompts, trains on them
 
   def abstract_state(self) -> step_lib.TrainState:
     sh = self.state_shardings
     opt = jax.eval_shape(self.optimizer.init, self.params)
+    rng = jax.eval_shape(lambda: on_policy.initial_key(0)) if self.rollout is not None else None
     return step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sh.step),
                                params=ckpt_lib.abstract_like(self.params, sh.params),
-                               opt_state=ckpt_lib.abstract_like(opt, sh.opt_state))
+                               opt_state=ckpt_lib.abstract_like(opt, sh.opt_state),
+                               rng=ckpt_lib.abstract_like(rng, sh.rng) if rng is not None else None)
+
+  def initial_rng(self):
+    """The sampling key a fresh run starts from (TrainState.rng), placed; None without on-policy steps."""
+    if self.rollout is None:
+      return None
+    return jax.device_put(on_policy.initial_key(self.config.seed), self.state_shardings.rng)
 
   def abstract_batch(self) -> dict:
     """The global batch the loader hands the step, as ShapeDtypeStructs (see jaxkd.data.loader)."""
@@ -229,7 +239,15 @@ class Program:
     return self.abstract_state(), teacher, self.abstract_batch()
 
 
-def build(c, mesh, student, teacher, projector, lc: step_lib.LossConfig) -> Program:
+def rollout_settings(c, lc: step_lib.LossConfig, toks: Tokenizers) -> on_policy.Rollout | None:
+  """The on-policy sampling settings of `c` (None where off): a completion ends at the student tokenizer's
+  end-of-turn ids (none known for a `PresetTokenizer`: ahead-of-time compiles, where only shapes matter)."""
+  eos = () if isinstance(toks.student, PresetTokenizer) else generate.eos_ids_of(toks.student)
+  return on_policy.settings(c, eos_ids=eos, vocab_size=lc.vocab_size)
+
+
+def build(c, mesh, student, teacher, projector, lc: step_lib.LossConfig,
+          rollout: on_policy.Rollout | None = None) -> Program:
   """The optimizer, shardings and jitted steps of a run over these (concrete or abstract) modules."""
   optimizer, lr_schedule = optim.make_optimizer(c.optimizer, c.steps)
   student_def, s_state = nnx.split(student)
@@ -241,7 +259,8 @@ def build(c, mesh, student, teacher, projector, lc: step_lib.LossConfig) -> Prog
     params["projector"] = nnx.to_pure_dict(p_state)
     param_sh["projector"] = shd.module_shardings(mesh, projector)
   opt_sh = shd.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
-  state_sh = step_lib.TrainState(step=shd.replicated(mesh), params=param_sh, opt_state=opt_sh)
+  state_sh = step_lib.TrainState(step=shd.replicated(mesh), params=param_sh, opt_state=opt_sh,
+                                 rng=shd.replicated(mesh) if rollout is not None else None)
   teacher_def = teacher_params = teacher_sh = None
   if teacher is not None:
     teacher_def, t_state = nnx.split(teacher)
@@ -252,6 +271,11 @@ def build(c, mesh, student, teacher, projector, lc: step_lib.LossConfig) -> Prog
   train_step = step_lib.make_train_step(student_def, source, optimizer, lr_schedule, lc, projector_def=projector_def,
                                         state_shardings=state_sh, teacher_shardings=teacher_sh,
                                         batch_shardings=batch_sh)
+  on_policy_step = None
+  if rollout is not None:
+    on_policy_step = step_lib.make_on_policy_step(
+        student_def, source, optimizer, lr_schedule, lc, rollout, projector_def=projector_def,
+        state_shardings=state_sh, teacher_shardings=teacher_sh, batch_shardings=batch_sh)
   eval_step = step_lib.make_eval_step(student_def, source, eval_lc, projector_def=projector_def,
                                       param_shardings=param_sh, teacher_shardings=teacher_sh,
                                       batch_shardings=shd.batch_shardings(mesh, eval_lc.batch_keys()))
@@ -261,7 +285,7 @@ def build(c, mesh, student, teacher, projector, lc: step_lib.LossConfig) -> Prog
                  eval_lc=eval_lc,
                  params=params, teacher_params=teacher_params,
                  state_shardings=state_sh, teacher_shardings=teacher_sh, batch_shardings=batch_sh,
-                 train_step=train_step, eval_step=eval_step)
+                 train_step=train_step, eval_step=eval_step, rollout=rollout, on_policy_step=on_policy_step)
 
 
 def cache_k(c) -> int:
@@ -286,4 +310,4 @@ def abstract_program(c, devices=None) -> Program:
   student, teacher = load_models(c, mesh, lc, abstract_student=True, abstract_teacher=True)
   lc = loss_settings(c, student.cfg, teacher.cfg if teacher is not None else None, toks)
   projector = make_projector(c, lc, student.cfg, teacher.cfg if teacher is not None else None, mesh, abstract=True)
-  return build(c, mesh, student, teacher, projector, lc)
+  return build(c, mesh, student, teacher, projector, lc, rollout_settings(c, lc, toks))

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxkd import fused_loss, hidden, losses, optim, signals
+from jaxkd import fused_loss, hidden, losses, on_policy, optim, signals
 from jaxkd import sharding as shd
 
 STUDENT_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -101,6 +101,7 @@ class TrainState:
   step: jax.Array
   params: Any  # {"student": nested dict, "projector": nested dict (hidden distillation, widths differ)}
   opt_state: Any
+  rng: Any = None  # with on-policy steps: the sampling key's raw data (jaxkd.on_policy), checkpointed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,6 +242,38 @@ def make_train_step(student_def, teacher: signals.TeacherSource | None, optimize
   A step whose loss or gradients hold NaN or Inf returns the parameters and optimizer state unchanged (the
   step counter still advances) with metrics["nonfinite"] = 1.
   """
+  train_step = _train_body(student_def, teacher, optimizer, lr_schedule, lc, projector_def)
+  return jax.jit(train_step, in_shardings=(state_shardings, teacher_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def make_on_policy_step(student_def, teacher: signals.OnlineTeacher, optimizer: optax.GradientTransformation,
+                        lr_schedule, lc: LossConfig, rollout: on_policy.Rollout, *, projector_def=None,
+                        state_shardings=None, teacher_shardings=None, batch_shardings=None):
+  """The jitted on-policy step, `(state, teacher params, batch) -> (state, metrics)` like the train step's: the
+  student (the teacher under `rollout.seq_kd`) completes the batch's prompts, then the train step runs on the
+  sampled rows (jaxkd.on_policy). It draws with `state.rng` and returns the key advanced. On the student's own
+  samples the loss is the divergence alone (alpha 1); under seq_kd, `lc`'s mix."""
+  sampled_lc = lc if rollout.seq_kd else dataclasses.replace(lc, alpha=1.0)
+  train_step = _train_body(student_def, teacher, optimizer, lr_schedule, sampled_lc, projector_def)
+
+  def on_policy_step(state: TrainState, teacher_params, batch):
+    key, sub = jax.random.split(jax.random.wrap_key_data(state.rng))
+    if rollout.seq_kd:
+      writer = nnx.merge(teacher.graphdef, teacher_params)
+    else:
+      writer = _modules(student_def, projector_def, state.params)[0]
+    sampled, sample_metrics = on_policy.sample(writer, batch, sub, rollout)
+    state, metrics = train_step(state.replace(rng=jax.random.key_data(key)), teacher_params,
+                                jax.lax.stop_gradient(sampled))
+    return state, {**metrics, **sample_metrics}
+
+  return jax.jit(on_policy_step, in_shardings=(state_shardings, teacher_shardings, batch_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def _train_body(student_def, teacher, optimizer, lr_schedule, lc: LossConfig, projector_def):
+  """The train step as a traceable function (make_train_step jits it)."""
 
   def loss_fn(params, signal, micro, n_tokens, n_hidden):
     student, projector = _modules(student_def, projector_def, params)
@@ -281,10 +314,9 @@ def make_train_step(student_def, teacher: signals.TeacherSource | None, optimize
                "lr": lr_schedule(_schedule_count(state.opt_state, state.step)),
                "nonfinite": 1.0 - optim.last_update_finite(opt_state).astype(jnp.float32),
                "skipped_nonfinite": optim.skipped_updates(opt_state).astype(jnp.float32)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return jax.jit(train_step, in_shardings=(state_shardings, teacher_shardings, batch_shardings),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+  return train_step
 
 
 def make_eval_step(student_def, teacher: signals.TeacherSource | None, lc: LossConfig, *, projector_def=None,

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from jaxkd import checkpoint as ckpt_lib
-from jaxkd import config_base, data, distributed, models, program, reporting, step as step_lib
+from jaxkd import config_base, data, distributed, models, on_policy, program, reporting, step as step_lib
 from jaxkd import samples as samples_lib
 from jaxkd import workdir as workdir_lib
 
@@ -85,7 +85,8 @@ class Run:
       log.info("start-up held for %s s (debug.start_delay_s)", c.debug.start_delay_s)
       time.sleep(c.debug.start_delay_s)
     self.projector = program.make_projector(c, self.loss_cfg, self.student.cfg, t_cfg, self.mesh, abstract=resuming)
-    self.program = program.build(c, self.mesh, self.student, self.teacher, self.projector, self.loss_cfg)
+    self.program = program.build(c, self.mesh, self.student, self.teacher, self.projector, self.loss_cfg,
+                                 program.rollout_settings(c, self.loss_cfg, toks))
     self.loader, self.eval_loader = self._loaders()
     self.eval_start = self.eval_loader.get_state() if self.eval_loader is not None else None
 
@@ -153,7 +154,8 @@ class Run:
     sh = prog.state_shardings
     params = jax.device_put(prog.params, sh.params)  # a no-op for the loaded student; places a new projector
     opt_state = jax.jit(prog.optimizer.init, out_shardings=sh.opt_state)(params)
-    return step_lib.TrainState(step=jax.device_put(jnp.int32(0), sh.step), params=params, opt_state=opt_state)
+    return step_lib.TrainState(step=jax.device_put(jnp.int32(0), sh.step), params=params, opt_state=opt_state,
+                               rng=prog.initial_rng())
 
   def train(self) -> dict[str, Any]:
     c = self.config
@@ -210,7 +212,7 @@ class Run:
       step = i + 1
       self.ckpt.raise_if_failed()  # a failed background save stops the run now, not at the next save
       batch = self._global_batch(self.loader, poison=step == c.debug.poison_step)
-      state, metrics = self.program.train_step(state, self.program.teacher_params, batch)
+      state, metrics = self._step_fn(step)(state, self.program.teacher_params, batch)
       if pending is not None:  # the previous step's numbers: reading them does not stall dispatch
         self._report(report, *pending)
       pending = (step, metrics)
@@ -232,6 +234,12 @@ class Run:
     if pending is not None:
       self._report(report, *pending)
     return state
+
+  def _step_fn(self, step: int):
+    """The compiled step that runs step `step`: on-policy on the share distill.on_policy.fraction of the steps."""
+    if on_policy.chosen(self.config.seed, step, self.config.distill.on_policy.fraction):
+      return self.program.on_policy_step
+    return self.program.train_step
 
   def _save(self, state, step: int) -> None:
     self.ckpt.save(state, self._data_states(), self.meta, step=step)

@@ -84,6 +84,23 @@ def test_bad_config_values_name_the_key(key, value, match):
     config_base.validate(load_config(**{key: value}))
 
 
+@pytest.mark.parametrize("overrides,match", [
+    ({"distill.on_policy.fraction": 1.5}, r"config\.distill\.on_policy\.fraction=1\.5: must be in \[0, 1\]"),
+    ({"distill.on_policy.fraction": 0.5, "teacher.cache": "/c"},
+     r"config\.teacher\.cache='/c': holds the teacher's log-probs on the dataset's tokens only; on-policy .* needs "
+     r"the teacher model"),
+    ({"distill.on_policy.fraction": 0.5, "distill.alpha": 0.0},
+     r"config\.distill\.on_policy\.fraction=0\.5: .* needs logit distillation"),
+    ({"distill.on_policy.fraction": 0.5, "distill.on_policy.max_new_tokens": 128},  # tiny configs' seq_len
+     r"config\.distill\.on_policy\.max_new_tokens=128: must be in \[1, data\.seq_len=128\)"),
+    ({"distill.on_policy.fraction": 0.5, "distill.on_policy.top_p": 0.0},
+     r"config\.distill\.on_policy\.top_p=0\.0: must be in \(0, 1\]"),
+])
+def test_bad_on_policy_settings_name_the_key(overrides, match):
+  with pytest.raises(config_base.ConfigError, match=match):
+    config_base.validate(load_config(**overrides))
+
+
 def test_misspelt_override_is_named():
   with pytest.raises(config_base.ConfigError, match=r"config\.optimizer\.learning_rate: no such key"):
     load_config(**{"optimizer.learning_rate": 1e-3})

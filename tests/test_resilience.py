@@ -31,23 +31,27 @@ from tests.steps import build_step, loss_config, packed_batch
 # Ten steps, checkpoints at 3, 6, 9 and 10; no held-out split (evaluation is tested elsewhere).
 RUN = {"steps": 10, "checkpoint_every": 3, "data.eval_fraction": 0.0, "export.dtype": "float32",
        "progress": False}
+# The interrupted run: most steps (2, 3, 4, 5, 7, 8, 9, as jaxkd.on_policy.chosen draws them for seed 0 at 0.5)
+# train on the student's own samples, so a resume must restore the sampling key too.
+KILLED_RUN = {**RUN, "distill.on_policy.fraction": 0.5, "distill.on_policy.max_new_tokens": 16}
+ON_POLICY_KEYS = ("prompts", "sampled_len", "sampled_ended")
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """(train metric rows, exported safetensors bytes) of the uninterrupted run."""
   workdir = str(tmp_path_factory.mktemp("reference") / "run")
-  trainer.run(load_config(workdir=workdir, **RUN))
+  trainer.run(load_config(workdir=workdir, **KILLED_RUN))
   return runs.train_rows(workdir), runs.export_bytes(workdir)
 
 
 def test_killed_and_preempted_runs_resume_bitwise(tmp_path, reference):
   """SIGTERM, then kill -9 during a save, between saves and during the final save; each time the same
-  command again. The final metrics (every step, each from the run that last computed it) and the export
-  equal the uninterrupted run's bitwise."""
+  command again. The final metrics (every step, each from the run that last computed it, the on-policy steps'
+  sample lengths included) and the export equal the uninterrupted run's bitwise."""
   workdir = str(tmp_path / "run")
   # Every save is held open 2 s (a test hook), so a kill can land inside one.
-  cmd = runs.command(workdir, **RUN, **{"debug.save_delay_s": 2.0})
+  cmd = runs.command(workdir, **KILLED_RUN, **{"debug.save_delay_s": 2.0})
   logs = iter(str(tmp_path / f"log{i}.txt") for i in range(10))
 
   # 1. SIGTERM soon after the first step: the run saves the step it reaches and exits with 75.
@@ -96,7 +100,8 @@ def test_killed_and_preempted_runs_resume_bitwise(tmp_path, reference):
   assert p.wait() == 0, p.tail()
   assert "resuming from step 9" in p.output()
   want_rows, want_export = reference
-  runs.assert_same_rows(runs.train_rows(workdir), want_rows)
+  runs.assert_same_rows(runs.train_rows(workdir), want_rows, keys=runs.TRAIN_KEYS + ON_POLICY_KEYS)
+  assert [r["step"] for r in want_rows if "prompts" in r] == [2, 3, 4, 5, 7, 8, 9]  # on-policy steps ran
   assert runs.export_bytes(workdir) == want_export
   assert not runs.unfinished(workdir)
 
