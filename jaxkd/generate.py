@@ -37,8 +37,8 @@ def sample_on_device(model, ids_BxP, mask_BxP, key, *, max_new_tokens: int, eos_
                      top_k: int | None = None, top_p: float | None = None, vocab_size: int | None = None):
   """Up to `max_new_tokens` new tokens for each left-padded prompt row, the whole loop on the device (traceable:
   call it under `jax.jit`; no host round trip per token): (tokens [B, N] int32, lengths [B] int32). A row stops
-  after an eos id (kept) or N tokens; its slots past `lengths` hold 0. The prompt is one prefill through the
-  model's KV cache, then one token a step through the same cache."""
+  after an eos id (kept) or N tokens; its slots past `lengths` hold 0. The prompt is one prefill into the
+  model's KV cache (attention through the model's kernel, as in training), then one token a step through it."""
   b, p = ids_BxP.shape
   vocab = vocab_size or model.cfg.vocab_size
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
@@ -49,7 +49,9 @@ def sample_on_device(model, ids_BxP, mask_BxP, key, *, max_new_tokens: int, eos_
 
   pick = lambda logits, k: sample_logits(logits, k, temperature=temperature, top_k=top_k, top_p=top_p)
   key, sub = jax.random.split(key)
-  logits, cache = next_logits(ids_BxP, mask_BxP, model.init_cache(b, p + max_new_tokens))
+  prefilled = model.prefill(ids_BxP, mask_BxP, p + max_new_tokens)  # through the attention kernel
+  logits = jnp.dot(prefilled.last_hidden[:, -1], model.head_kernel(), preferred_element_type=jnp.float32)[:, :vocab]
+  cache = prefilled.cache
   ones = jnp.ones((b, 1), jnp.int32)
 
   def more(carry):

@@ -63,16 +63,20 @@ def test_unknown_slices_are_refused_at_start():
 
 
 def test_aot_command_reports_what_a_chip_needs(tmp_path, capsys):
+  """The train step, and (on-policy steps on) the on-policy step with its sampling loop."""
   cfg = load_config(workdir=str(tmp_path / "run"), **{
-      "aot.topology": "v5e-4", "student.compute_dtype": "bfloat16", "teacher.dtype": "bfloat16"})
+      "aot.topology": "v5e-4", "student.compute_dtype": "bfloat16", "teacher.dtype": "bfloat16",
+      "distill.on_policy.fraction": 0.5})
   _tpu_devices("v5e:2x2")
   with jax.default_matmul_precision("default"):
     assert aot.report(cfg) == 0
   out = capsys.readouterr().out
   assert "v5e:2x2: 4 chips on 1 host(s), 16 GiB HBM each" in out and "mesh data 1, fsdp 4, tensor 1" in out
   assert "attention: student splash; teacher splash" in out
-  figures = re.search(r"total ([0-9.]+) GiB of 16 GiB HBM: fits", out)
-  assert figures and 0 < float(figures.group(1)) < 1, out
+  figures = re.findall(r"total ([0-9.]+) GiB of 16 GiB HBM: fits", out)
+  assert len(figures) == 2 and all(0 < float(f) < 1 for f in figures), out
+  assert ("on-policy step (0.5 of the steps): the student completes 8 prompts of up to 64 tokens with up to 64 new "
+          "ones") in out
   assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 

@@ -95,7 +95,8 @@ class Attention(nnx.Module):
   def __call__(self, x_BxTxD, cos, sin, segment_ids_BxT, kv_cache=None):
     """Without `kv_cache`: attention over these T tokens. With `kv_cache=(k_BxSxKxH, v_BxSxKxH, index,
     mask_Bx1xTxS)`: the new keys and values are written at [index, index + T) and the queries attend to
-    the whole cache under `mask_Bx1xTxS`; returns (output, (k, v)) then."""
+    the whole cache under `mask_Bx1xTxS`; returns (output, (k, v)) then. A mask of None means the cache holds
+    nothing before these tokens (a prefill): they attend among themselves through the attention kernel."""
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     q_BxTxNxH = self.q_proj(x_BxTxD).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -109,9 +110,13 @@ class Attention(nnx.Module):
       k_cache, v_cache, index, cache_mask = kv_cache
       k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxTxKxH.astype(k_cache.dtype), index, axis=1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxTxKxH.astype(v_cache.dtype), index, axis=1)
-      out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_cache.astype(q_BxTxNxH.dtype),
-                                                 v_cache.astype(q_BxTxNxH.dtype), mask=cache_mask,
-                                                 scale=cfg.head_dim ** -0.5)
+      if cache_mask is None:
+        out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
+                                            scale=cfg.head_dim ** -0.5, implementation=self.attention)
+      else:
+        out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_cache.astype(q_BxTxNxH.dtype),
+                                                   v_cache.astype(q_BxTxNxH.dtype), mask=cache_mask,
+                                                   scale=cfg.head_dim ** -0.5)
       return self.o_proj(out_BxTxNxH.reshape(b, t, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
     out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
                                         scale=cfg.head_dim ** -0.5, implementation=self.attention)
@@ -191,8 +196,18 @@ class Transformer(nnx.Module):
     return KVCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.int32(0))
 
-  def _forward_cached(self, ids, segment_ids, cache: KVCache, compute_logits: bool) -> ModelOutput:
-    """Appends T tokens to the cache: the prompt (left-padded, segment 0) at once, then one at a time."""
+  def prefill(self, input_ids_BxT, attention_mask_BxT, max_len: int) -> ModelOutput:
+    """The prompt rows (left-padded: `attention_mask` 0 on padding) through the model into a new KV cache of
+    `max_len` slots; attention among the prompt's tokens runs through the model's attention kernel, as in
+    training. The output carries the cache and no logits (a prompt's [B, T, vocab] would dwarf the rest: take the
+    last position's from `last_hidden`); `forward(..., cache=out.cache)` appends further tokens."""
+    ids = jnp.asarray(input_ids_BxT, jnp.int32)
+    cache = self.init_cache(ids.shape[0], max_len)
+    return self._forward_cached(ids, jnp.asarray(attention_mask_BxT, jnp.int32), cache, False, fresh=True)
+
+  def _forward_cached(self, ids, segment_ids, cache: KVCache, compute_logits: bool, fresh: bool = False):
+    """Appends T tokens to the cache: the prompt (left-padded, segment 0) at once, then one at a time; `fresh`:
+    the cache is empty (a prefill), so the tokens attend among themselves through the attention kernel."""
     t = ids.shape[1]
     seen = jnp.sum(cache.segment_ids != 0, axis=1, keepdims=True)  # real tokens already in the cache
     positions = jnp.maximum(seen + jnp.cumsum(segment_ids != 0, axis=1) - 1, 0)
@@ -206,7 +221,7 @@ class Transformer(nnx.Module):
     def body(x, xs):
       one_layer_state, k_cache, v_cache = xs
       y, (k_cache, v_cache) = nnx.merge(graphdef, one_layer_state)(
-          x, cos, sin, None, kv_cache=(k_cache, v_cache, cache.index, mask))
+          x, cos, sin, segment_ids, kv_cache=(k_cache, v_cache, cache.index, None if fresh else mask))
       return y, (k_cache, v_cache)
 
     x_BxTxD, (k, v) = jax.lax.scan(body, self.embed_tokens(ids), (layer_state, cache.k, cache.v))
