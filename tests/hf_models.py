@@ -28,6 +28,11 @@ CONFIGS = {
                                                          "original_max_position_embeddings": 16}),
     "stablelm_full": tf.StableLmConfig(**_SIZES, partial_rotary_factor=0.25, use_qkv_bias=True,
                                        qk_layernorm=True, use_parallel_residual=True),
+    # head_dim != hidden / heads; GQA with 2 and 1 key/value heads for 4 query heads; q/k/v/o biases.
+    "qwen3_untied": tf.Qwen3Config(**_SIZES, head_dim=16, tie_word_embeddings=False),
+    "qwen3_tied_bias": tf.Qwen3Config(**{**_SIZES, "num_key_value_heads": 1}, head_dim=12, attention_bias=True,
+                                      tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                                 "rope_theta": 1e6}),
     "stablelm_plain": tf.StableLmConfig(**{**_SIZES, "num_key_value_heads": 4}, partial_rotary_factor=0.5),
 }
 

@@ -13,7 +13,8 @@ from jaxkd.models.presets import PRESETS
 from tests.runs import ROOT, load_config
 
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
-HUB = ["qwen2_logit", "sft", "qwen2_hidden", "llama_to_stablelm_hidden", "llama70b_to_stablelm_hidden"]
+HUB = ["qwen2_logit", "sft", "qwen2_hidden", "llama_to_stablelm_hidden", "llama70b_to_stablelm_hidden",
+       "qwen3_logit"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -15,7 +15,7 @@ from tests import hf_models
 from tests.data_references import GENERATION_CHATML
 
 
-@pytest.mark.parametrize("name", ["qwen2_tied", "stablelm_full"])
+@pytest.mark.parametrize("name", ["qwen2_tied", "stablelm_full", "qwen3_tied_bias"])
 def test_cached_forward_equals_full_forward(hf_factory, name):
   model = models.from_pretrained(hf_factory(name))
   ids = np.random.RandomState(0).randint(0, hf_models.V, (2, 10)).astype(np.int32)
@@ -31,7 +31,7 @@ def test_cached_forward_equals_full_forward(hf_factory, name):
   np.testing.assert_allclose(np.concatenate(pieces, 1)[mask > 0], full[mask > 0], atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen2_untied", "llama_gqa_llama3"])
+@pytest.mark.parametrize("name", ["qwen2_untied", "llama_gqa_llama3", "qwen3_untied"])
 def test_greedy_generation_matches_transformers(hf_factory, name):
   folder = hf_factory(name)
   prompts = [[5, 17, 33, 2, 9], [44, 3]]

@@ -36,7 +36,7 @@ def test_logits_match_transformers(hf_factory, name):
   assert diff <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["qwen2_tied", "llama_gqa_llama3", "stablelm_full"])
+@pytest.mark.parametrize("name", ["qwen2_tied", "llama_gqa_llama3", "stablelm_full", "qwen3_tied_bias"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_logits_match_transformers_with_padding(hf_factory, name, side):
   folder = hf_factory(name)
@@ -130,7 +130,7 @@ def test_bf16_loading(hf_factory):
 
 
 @pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_head_dim", "llama_bias_linear", "stablelm_full",
-                                  "llama_yarn"])
+                                  "llama_yarn", "qwen3_untied", "qwen3_tied_bias"])
 def test_export_reloads_in_transformers(hf_factory, tmp_path, name):
   model = models.from_pretrained(hf_factory(name))
   out = models.save_pretrained(model, str(tmp_path / "export"))
@@ -176,15 +176,22 @@ def _tokenizer():
   return tf.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
 
 
-def test_loading_onto_a_mesh(hf_factory):
+@pytest.mark.parametrize("name", ["qwen2_untied", "qwen3_untied"])
+def test_loading_onto_a_mesh(hf_factory, name):
   """With a mesh each parameter lands on its NamedSharding; the logits do not change."""
-  folder = hf_factory("qwen2_untied")
+  folder = hf_factory(name)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
   model = models.from_pretrained(folder, mesh=mesh)
+  cfg, P = model.cfg, jax.sharding.PartitionSpec
   q = model.layers.self_attn.q_proj.kernel.get_value()
-  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-  assert model.embed_tokens.embedding.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")  # 101 % 4
-  assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 8)
+  assert q.sharding.spec == P(None, "fsdp", "tensor")
+  assert model.embed_tokens.embedding.get_value().sharding.spec == P(None, "fsdp")  # 101 % 4
+  assert len(q.addressable_shards) == 8
+  assert q.addressable_shards[0].data.shape == (cfg.num_layers, cfg.hidden_size // 2, cfg.num_heads * cfg.head_dim // 4)
+  if cfg.qk_norm == "shared":  # Qwen3's [layers, head_dim] q/k norm weights: whole on every device
+    for norm in (model.layers.self_attn.q_norm, model.layers.self_attn.k_norm):
+      value = norm.scale.get_value()
+      assert value.shape == (cfg.num_layers, cfg.head_dim) and value.sharding.is_fully_replicated
   ids = _ids(10)
   with jax.set_mesh(mesh):
     sharded = np.asarray(jax.jit(lambda m, x: m(x))(model, ids))
@@ -200,6 +207,13 @@ REAL_COUNTS = {
     "meta-llama/Llama-3.1-8B": 8_030_261_248,
     "meta-llama/Llama-3.1-70B": 70_553_706_496,
     "stabilityai/stablelm-2-1_6b": 1_644_515_328,
+    # The hub pages say 0.6B, 1.7B, 4B, 8B, 32B; their safetensors count for 1.7B, 2.03B, includes a stored copy of
+    # the tied embedding table as lm_head.weight (a tied model has no parameter of its own there).
+    "Qwen/Qwen3-0.6B": 596_049_920,
+    "Qwen/Qwen3-1.7B": 1_720_574_976,
+    "Qwen/Qwen3-4B": 4_022_468_096,
+    "Qwen/Qwen3-8B": 8_190_735_360,
+    "Qwen/Qwen3-32B": 32_762_123_264,
 }
 
 
@@ -330,6 +344,19 @@ def test_sliding_window_switched_on_but_used_by_no_layer_loads(hf_factory, tmp_p
   plain = models.from_pretrained(hf_factory("qwen2_tied")).cfg
   loaded = models.from_pretrained(folder).cfg
   assert dataclasses.replace(loaded, hf_passthrough=()) == dataclasses.replace(plain, hf_passthrough=())
+
+
+def test_qwen3_config_reading():
+  """What Qwen3Config decides without the field: head_dim 128 (not hidden / heads), no bias; sliding-window layers
+  from use_sliding_window and max_window_layers are refused as for Qwen2; the export's config says the same."""
+  bare = {k: v for k, v in presets.PRESETS["Qwen/Qwen3-8B"].items() if k not in ("head_dim", "attention_bias")}
+  bare.update(hidden_size=256, num_attention_heads=8)
+  cfg, theirs = models.config_from_hf(bare), tf.Qwen3Config(**bare)
+  assert (cfg.head_dim, cfg.qkv_bias, cfg.o_bias, cfg.qk_norm) == (theirs.head_dim, False, False, "shared") == (
+      128, False, False, "shared")
+  assert models.config_from_hf(models.config_to_hf(cfg, "bfloat16")) == cfg
+  with pytest.raises(models.UnsupportedConfigError, match=r"layers \[34, 35\] 'sliding_attention'"):
+    models.config_from_hf({**bare, "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 34})
 
 
 def test_both_config_spellings_give_the_same_model():

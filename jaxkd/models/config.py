@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+QK_NORMS = ("none", "per_head", "shared")
 
 # Fields copied verbatim from the source config to the exported one: they change nothing in the
 # forward pass but generation and serving read them.
@@ -65,7 +66,9 @@ class ModelConfig:
   qkv_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
-  qk_norm: bool = False  # StableLM's per-head LayerNorm on queries and keys
+  # A norm (of kind `norm`, no bias) over each head of the queries and keys, before rotary: "none"; "per_head",
+  # a weight for every head (StableLM's qk_layernorm); "shared", one [head_dim] weight for all heads (Qwen3).
+  qk_norm: str = "none"
   parallel_residual: bool = False  # x + attn(ln(x)) + mlp(ln(x))
   tie_embeddings: bool = False
   rope: RopeConfig = RopeConfig()
@@ -76,6 +79,8 @@ class ModelConfig:
   def __post_init__(self):
     if self.norm not in ("rms", "layer"):
       raise ValueError(f"norm={self.norm!r}: expected 'rms' or 'layer'")
+    if self.qk_norm not in QK_NORMS:
+      raise ValueError(f"qk_norm={self.qk_norm!r}: expected one of {QK_NORMS}")
     if self.num_heads % self.num_kv_heads:
       raise UnsupportedConfigError(
           f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads="
@@ -126,6 +131,24 @@ def check_fields(hf: dict, *, model_type: str, allowed: dict[str, tuple]) -> Non
       raise UnsupportedConfigError(
           f"config.json sets {key}={hf[key]}: dropout is not implemented (jaxkd trains without it); "
           f"set {key} to 0.0 in config.json to load this model")
+
+
+def check_full_attention(hf: dict) -> None:
+  """Refuses a config whose layers use sliding-window attention (not implemented), as transformers decides each
+  layer's kind for Qwen2 and Qwen3: `layer_types` where given, else sliding from layer `max_window_layers` on
+  when `use_sliding_window` is set with a `sliding_window`."""
+  kinds = hf.get("layer_types")
+  if not kinds:
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    first = hf.get("max_window_layers", 28)
+    kinds = ["sliding_attention" if window is not None and i >= first else "full_attention"
+             for i in range(hf["num_hidden_layers"])]
+  sliding = [i for i, t in enumerate(kinds) if t != "full_attention"]
+  if sliding:
+    raise UnsupportedConfigError(
+        f"config.json makes layers {sliding} {kinds[sliding[0]]!r} (layer_types, or use_sliding_window with "
+        "sliding_window and max_window_layers): sliding-window attention is not implemented; a model loaded "
+        "without it would compute something else. Set use_sliding_window=false and layer_types to full_attention")
 
 
 def head_dim_of(hf: dict) -> int:

@@ -25,12 +25,12 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxkd import sharding as shd
-from jaxkd.models import llama, qwen2, stablelm
+from jaxkd.models import llama, qwen2, qwen3, stablelm
 from jaxkd.models.config import ModelConfig, UnsupportedConfigError, torch_dtype_of
 from jaxkd.models.safetensors_io import WeightsError, SafetensorsFile, write_file
 from jaxkd.models.transformer import Transformer
 
-FAMILIES = {m.MODEL_TYPE: m for m in (qwen2, llama, stablelm)}
+FAMILIES = {m.MODEL_TYPE: m for m in (qwen2, qwen3, llama, stablelm)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Checkpoint entries that carry no parameter: old rotary buffers.
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
@@ -276,7 +276,7 @@ def load_params(model, folder: str, *, mesh: Mesh | None = None) -> None:
 
 def from_pretrained(path: str, *, dtype: Any = "float32", compute_dtype: Any = None, mesh: Mesh | None = None,
                     remat: str = "none", attention: str = "auto") -> Transformer:
-  """Loads a Qwen2, Llama or StableLM model from a local HF folder (or a cached/downloadable hub id).
+  """Loads a Qwen2, Qwen3, Llama or StableLM model from a local HF folder (or a cached/downloadable hub id).
 
   Args:
     path: folder with config.json and model.safetensors (or sharded files with their index).

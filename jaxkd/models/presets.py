@@ -9,6 +9,12 @@ _QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attenti
           "max_position_embeddings": 131072, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
           "sliding_window": 131072, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False}
 
+_QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+          "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128,
+          "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 40960, "rms_norm_eps": 1e-06,
+          "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "torch_dtype": "bfloat16",
+          "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+
 PRESETS = {
     "Qwen/Qwen2-0.5B": {**_QWEN2, "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14,
                         "num_hidden_layers": 24, "num_key_value_heads": 2, "max_window_layers": 24,
@@ -19,6 +25,21 @@ PRESETS = {
     "Qwen/Qwen2-7B": {**_QWEN2, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
                       "num_hidden_layers": 28, "num_key_value_heads": 4, "max_window_layers": 28,
                       "tie_word_embeddings": False, "vocab_size": 152064},
+    "Qwen/Qwen3-0.6B": {**_QWEN3, "hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16,
+                        "num_hidden_layers": 28, "num_key_value_heads": 8, "max_window_layers": 28,
+                        "tie_word_embeddings": True},
+    "Qwen/Qwen3-1.7B": {**_QWEN3, "hidden_size": 2048, "intermediate_size": 6144, "num_attention_heads": 16,
+                        "num_hidden_layers": 28, "num_key_value_heads": 8, "max_window_layers": 28,
+                        "tie_word_embeddings": True},
+    "Qwen/Qwen3-4B": {**_QWEN3, "hidden_size": 2560, "intermediate_size": 9728, "num_attention_heads": 32,
+                      "num_hidden_layers": 36, "num_key_value_heads": 8, "max_window_layers": 36,
+                      "tie_word_embeddings": True},
+    "Qwen/Qwen3-8B": {**_QWEN3, "hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32,
+                      "num_hidden_layers": 36, "num_key_value_heads": 8, "max_window_layers": 36,
+                      "tie_word_embeddings": False},
+    "Qwen/Qwen3-32B": {**_QWEN3, "hidden_size": 5120, "intermediate_size": 25600, "num_attention_heads": 64,
+                       "num_hidden_layers": 64, "num_key_value_heads": 8, "max_window_layers": 64,
+                       "tie_word_embeddings": False},
     "meta-llama/Llama-3.1-8B": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
         "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu",

@@ -10,13 +10,7 @@ WEIGHT_NAMES = llama.WEIGHT_NAMES  # bias rows apply only where the config switc
 
 def from_hf_config(hf: dict) -> C.ModelConfig:
   C.check_fields(hf, model_type=MODEL_TYPE, allowed={"hidden_act": ("silu",)})
-  kinds = _layer_types(hf)
-  sliding = [i for i, t in enumerate(kinds) if t != "full_attention"]
-  if sliding:
-    raise C.UnsupportedConfigError(
-        f"config.json makes layers {sliding} {kinds[sliding[0]]!r} (layer_types, or use_sliding_window with "
-        "sliding_window and max_window_layers): sliding-window attention is not implemented; a model loaded "
-        "without it would compute something else. Set use_sliding_window=false and layer_types to full_attention")
+  C.check_full_attention(hf)
   return C.ModelConfig(
       model_type=MODEL_TYPE,
       vocab_size=hf["vocab_size"],
@@ -35,17 +29,6 @@ def from_hf_config(hf: dict) -> C.ModelConfig:
       initializer_range=hf.get("initializer_range", 0.02),
       hf_passthrough=C.passthrough_of(hf),
   )
-
-
-def _layer_types(hf: dict) -> list[str]:
-  """Each layer's attention kind, as transformers decides it: `layer_types` where given, else sliding from
-  layer `max_window_layers` on when `use_sliding_window` is set with a `sliding_window`."""
-  if hf.get("layer_types"):
-    return list(hf["layer_types"])
-  window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-  first = hf.get("max_window_layers", 28)
-  return ["sliding_attention" if window is not None and i >= first else "full_attention"
-          for i in range(hf["num_hidden_layers"])]
 
 
 def to_hf_config(cfg: C.ModelConfig) -> dict:

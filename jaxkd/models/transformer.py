@@ -1,6 +1,6 @@
 """The one decoder every family shares: attention, MLP, block and the scanned stack.
 
-A family differs only by its `ModelConfig` switches (norm kind, biases, per-head q/k norms, parallel
+A family differs only by its `ModelConfig` switches (norm kind, biases, q/k norms over each head, parallel
 residual, partial rotary, tied head). Layers are stacked on a leading "layers" axis and run under
 `jax.lax.scan`, so compile time does not grow with depth; `remat` picks a rematerialisation policy for
 the scanned block.
@@ -75,7 +75,7 @@ def positions_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention with rotary embeddings, optional biases and per-head q/k LayerNorm."""
+  """Grouped-query attention with rotary embeddings, optional biases and q/k norms over each head."""
 
   def __init__(self, cfg: ModelConfig, *, stack=(), param_dtype=jnp.float32, dtype=jnp.float32,
                attention: str = "auto", rngs: nnx.Rngs):
@@ -85,11 +85,14 @@ class Attention(nnx.Module):
     self.k_proj = Linear(d, k * hd, axes=("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
     self.v_proj = Linear(d, k * hd, axes=("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
     self.o_proj = Linear(h * hd, d, axes=("q_heads", "embed"), bias=cfg.o_bias, **kw)
-    if cfg.qk_norm:
-      nkw = dict(kind="layer", eps=cfg.norm_eps, bias=False, axes=("heads", "head_dim"), stack=stack,
-                 param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-      self.q_layernorm = Norm((h, hd), **nkw)
-      self.k_layernorm = Norm((k, hd), **nkw)
+    nkw = dict(kind=cfg.norm, eps=cfg.norm_eps, bias=False, stack=stack, param_dtype=param_dtype, dtype=dtype,
+               rngs=rngs)
+    if cfg.qk_norm == "per_head":  # StableLM: a weight for every head
+      self.q_layernorm = Norm((h, hd), axes=("heads", "head_dim"), **nkw)
+      self.k_layernorm = Norm((k, hd), axes=("heads", "head_dim"), **nkw)
+    elif cfg.qk_norm == "shared":  # Qwen3: one weight over head_dim, broadcast over the heads
+      self.q_norm = Norm(hd, axes=("head_dim",), **nkw)
+      self.k_norm = Norm(hd, axes=("head_dim",), **nkw)
     self.cfg, self.attention = cfg, attention  # attention: a jaxkd.models.attention implementation
 
   def __call__(self, x_BxTxD, cos, sin, segment_ids_BxT, kv_cache=None):
@@ -102,8 +105,10 @@ class Attention(nnx.Module):
     q_BxTxNxH = self.q_proj(x_BxTxD).reshape(b, t, cfg.num_heads, cfg.head_dim)
     k_BxTxKxH = self.k_proj(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.qk_norm:
+    if cfg.qk_norm == "per_head":
       q_BxTxNxH, k_BxTxKxH = self.q_layernorm(q_BxTxNxH), self.k_layernorm(k_BxTxKxH)
+    elif cfg.qk_norm == "shared":
+      q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
     q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, cos, sin), ("act_batch", "act_seq", "act_heads", None))
     k_BxTxKxH = apply_rope(k_BxTxKxH, cos, sin)
     if kv_cache is not None:

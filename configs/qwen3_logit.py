@@ -1,0 +1,26 @@
+"""Logit distillation of Qwen3-8B into Qwen3-1.7B: forward KL at tau = 2, alpha = 0.5, as configs/qwen2_logit.py.
+
+On a GPU box or TPU host (the same command on every host of a pod):
+
+  python -m jaxkd.train --config configs/qwen3_logit.py \
+      --config.workdir=/path/to/run
+
+Both models have 151936 embedding rows and share Qwen3's tokenizer (151669 tokens); the rows past the tokenizer are
+cut before the softmax, so they carry no probability. Qwen3-1.7B ties its output head to the embedding table,
+Qwen3-8B does not.
+"""
+
+from jaxkd.config_base import base_config, hub_defaults
+
+
+def get_config():
+  c = hub_defaults(base_config())
+  c.workdir = "workdir/qwen3_logit"
+  c.student.path = "Qwen/Qwen3-1.7B"
+  c.teacher.path = "Qwen/Qwen3-8B"
+  c.distill.kind = "forward_kl"
+  c.distill.temperature = 2.0
+  c.distill.alpha = 0.5
+  c.distill.chunk_size = 2048
+  c.optimizer.weight_decay = 0.0
+  return c
