@@ -1,23 +1,36 @@
-"""Held-out evaluation of an exported model: loss, perplexity, token accuracy, agreement with a teacher.
+"""Held-out evaluation of an exported model: loss, perplexity, token accuracy, agreement with a teacher; or
+the share of checkable questions it answers right.
 
   python -m jaxkd.eval --model workdir/tiny_logit/export --data held_out.jsonl [--teacher DIR]
+  python -m jaxkd.eval --task answers --model workdir/tiny_logit/export [--data FILE] [--limit 64]
 
-The data file (any format the training pipeline reads) is rendered with the model's chat template and
-scored on the tokens training would train on (assistant turns by default); every row is used once.
+--task loss: the data file (any format the training pipeline reads) is rendered with the model's chat
+template and scored on the tokens training would train on (assistant turns by default); every row is used
+once. --task answers: the model answers greedily every question of the data whose answer can be checked
+(`jaxkd.answers`: arithmetic, follow-ups, synonyms, lists, tool calls and their answers; stories are not
+scored), by default the bundled chats' held-out rows.
 """
 
+import functools
 import json
 
 from absl import app, flags
 from absl import logging as absl_logging
 
+TASKS = ("loss", "answers")
+flags.DEFINE_enum("task", "loss", TASKS, "loss: held-out loss and token metrics; answers: the share of checkable "
+                  "questions answered right by greedy generation.")
 flags.DEFINE_string("model", None, "An HF model folder (e.g. workdir/RUN/export).", required=True)
-flags.DEFINE_multi_string("data", None, "Data file(s) or hub dataset name(s).", required=True)
+flags.DEFINE_multi_string("data", None, "Data file(s) or hub dataset name(s); --task answers defaults to the "
+                          "bundled chats' held-out rows.")
 flags.DEFINE_string("teacher", None, "Optional teacher folder: adds agreement, KL and the teacher's loss.")
 flags.DEFINE_string("format", "auto", "Data format: auto, sharegpt, messages, alpaca, prompt_completion, text.")
 flags.DEFINE_string("split", "train", "The split of the data files to score.")
 flags.DEFINE_integer("seq_len", 1024, "Tokens per packed row.")
-flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
+flags.DEFINE_integer("batch_size", None, "Rows per batch (--task loss, default 8) or prompts per generated batch "
+                     "(--task answers, default 32).")
+flags.DEFINE_integer("max_new_tokens", 64, "--task answers: tokens generated per answer at most.")
+flags.DEFINE_integer("limit", None, "--task answers: only the first N questions.")
 flags.DEFINE_float("temperature", 1.0, "Temperature of the reported KD divergence.")
 flags.DEFINE_string("dtype", "float32", "Parameter and compute dtype: float32 or bfloat16.")
 flags.DEFINE_string("output", None, "Also write the metrics as JSON here.")
@@ -68,12 +81,117 @@ def evaluate(model_path, data_paths, *, teacher_path=None, fmt="auto", split="tr
   return out
 
 
+PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: the decode loop compiles once per bucket
+
+
+def answers_accuracy(model, tokenizer=None, *, data_paths=None, fmt="auto", split="train", max_new_tokens=64,
+                     batch_size=32, limit=None, dtype="float32") -> dict:
+  """The share of checkable held-out questions (`jaxkd.answers`) a model answers right, greedily.
+
+  `model`: an HF folder (or tiny:NAME), or a jaxkd Transformer with its `tokenizer`. The questions come from
+  every row of `data_paths`' `split`, or by default from the bundled chats' held-out rows (the rows every tiny
+  config holds out). Each prompt is rendered with the tokenizer's chat template. Returns `answers.score`'s
+  dict (accuracy overall and per category, skipped turns by reason; prompts too long for the model with
+  max_new_tokens are skipped as "too_long") plus "answers": each question's category, prompt, reply and
+  verdict."""
+  # Imported here so --help is fast.
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from jaxkd import answers, config_base, data, generate, models, tiny  # pylint: disable=import-outside-toplevel
+
+  if isinstance(model, str):
+    path = tiny.resolve(model)
+    model, tokenizer = models.from_pretrained(path, dtype=dtype), data.load_tokenizer(path)
+  elif tokenizer is None:
+    raise ValueError("answers_accuracy(model, tokenizer): a model object needs its tokenizer (or pass a folder)")
+  if data_paths:
+    cfg = data.default_data_config()
+    cfg.sources = [dict(path=p, eval_split=split) for p in data_paths]  # every row of that split
+    cfg.format = fmt
+  else:
+    cfg = config_base.tiny_defaults(config_base.base_config()).data
+  found = answers.all_questions(data.held_out_conversations(cfg), limit=limit)
+  ids = [generate.encode_messages(tokenizer, q.messages) for q in found.questions]
+  fits = [i for i, x in enumerate(ids) if not model.cfg.too_long(
+      len(x) + max_new_tokens, what="prompt + max_new_tokens", name="model", fix="lower max_new_tokens")]
+  found.skipped["too_long"] += len(ids) - len(fits)
+  asked = [found.questions[i] for i in fits]
+  if not asked:
+    raise ValueError(f"no checkable question in {data_paths or 'the bundled held-out rows'}: --task answers "
+                     "needs chats in the grammar of jaxkd/data/synthetic.py (skipped: "
+                     f"{dict(found.skipped)})")
+  order = sorted(fits, key=lambda i: len(ids[i]))  # similar lengths together: less padding
+  b = min(batch_size, len(order))
+  graphdef, state = nnx.split(model)
+  eos_ids = tuple(generate.eos_ids_of(tokenizer))
+  replies = {}
+  for lo in range(0, len(order), b):
+    rows = order[lo:lo + b]
+    p = -(-max(len(ids[i]) for i in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
+    tokens_BxP, mask_BxP = np.zeros((b, p), np.int32), np.zeros((b, p), np.int32)
+    for r in range(b):  # a short last batch repeats its last row: every batch has the same shape
+      x = ids[rows[min(r, len(rows) - 1)]]
+      tokens_BxP[r, p - len(x):], mask_BxP[r, p - len(x):] = x, 1
+    out_BxN, lengths = jax.device_get(_greedy_loop()(graphdef, state, tokens_BxP, mask_BxP,
+                                                     max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                                     vocab_size=len(tokenizer)))
+    for r, i in enumerate(rows):
+      replies[i] = tokenizer.decode(out_BxN[r, :lengths[r]].tolist(), skip_special_tokens=True).strip()
+  said = [replies[i] for i in fits]
+  out = answers.score(asked, said, found.skipped)
+  out["answers"] = [{"category": q.category, "prompt": q.messages[-1]["content"], "reply": r,
+                     "reference": q.reference, "right": bool(q.check(r))} for q, r in zip(asked, said)]
+  return out
+
+
+@functools.cache
+def _greedy_loop():
+  """`generate.sample_on_device` at temperature 0 under one jit kept for the process: a batch of a shape seen
+  before runs without compiling (`generate.generate` builds a new jit each call, so compiles every batch)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from jaxkd import generate  # pylint: disable=import-outside-toplevel
+
+  @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "vocab_size"))
+  def run(graphdef, state, ids_BxP, mask_BxP, *, max_new_tokens, eos_ids, vocab_size):
+    return generate.sample_on_device(nnx.merge(graphdef, state), ids_BxP, mask_BxP, jax.random.key(0),
+                                     max_new_tokens=max_new_tokens, eos_ids=eos_ids, temperature=0.0,
+                                     vocab_size=vocab_size)
+
+  return run
+
+
+def print_answers(out: dict) -> None:
+  print(f"{'answers right':>20}: {out['accuracy']:.4f} ({out['correct']} of {out['total']})")
+  for name, c in out["categories"].items():
+    print(f"{name:>20}: {c['accuracy']:.4f} ({c['correct']} of {c['total']})")
+  skipped = out["skipped"]
+  print(f"{'not scored':>20}: {skipped.get('story', 0)} stories (no single right answer), "
+        + ", ".join(f"{n} {reason}" for reason, n in skipped.items() if reason != "story"))
+
+
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # JAX and datasets log their start-up at INFO
   f = flags.FLAGS
+  if f.task == "answers":
+    if f.teacher:
+      raise app.UsageError("--teacher is for --task loss; run --task answers once per model")
+    out = answers_accuracy(f.model, data_paths=f.data, fmt=f.format, split=f.split,
+                           max_new_tokens=f.max_new_tokens, batch_size=f.batch_size or 32, limit=f.limit,
+                           dtype=f.dtype)
+    print_answers(out)
+    if f.output:
+      with open(f.output, "w") as fh:
+        json.dump(out, fh, indent=2)
+    return
+  if not f.data:
+    raise app.UsageError("--task loss needs --data (the held-out file(s) to score)")
   out = evaluate(f.model, f.data, teacher_path=f.teacher, fmt=f.format, split=f.split, seq_len=f.seq_len,
-                 batch_size=f.batch_size, temperature=f.temperature, dtype=f.dtype)
+                 batch_size=f.batch_size or 8, temperature=f.temperature, dtype=f.dtype)
   names = {"loss": "held-out loss", "perplexity": "perplexity", "accuracy": "token accuracy",
            "tokens": "tokens scored", "agreement": "top-1 agreement with teacher", "kl_t1": "KL(teacher || student)",
            "teacher_ce": "teacher loss"}

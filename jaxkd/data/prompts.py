@@ -1,4 +1,5 @@
-"""Held-out prompts: the first conversations of a run's eval split, cut before their first assistant turn.
+"""Held-out prompts: the first conversations of a run's eval split, cut before their first assistant turn
+(and the whole held-out conversations, for `jaxkd.answers`).
 
 A run ends by answering a few of them with the student and the teacher (`jaxkd.samples`), so a reader sees
 what distillation did in words as well as in held-out loss. The rows are the ones the eval loader holds out
@@ -9,6 +10,7 @@ never trained on them.
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import numpy as np
 
@@ -28,38 +30,51 @@ def held_out_prompts(cfg, count: int, *, cache_dir: str | None = None) -> list[P
   """Up to `count` held-out prompts, in row order, from the first map-style source that holds rows out.
 
   Streaming sources are passed over (their held-out rows are known only by reading the stream)."""
-  aliases = {**ROLE_ALIASES, **dict(cfg.role_aliases or {})}
-  specs = parse_sources(list(cfg.sources), default_format=cfg.format, default_eval_split=cfg.eval_split)
-  for spec in specs:
-    named = spec.eval_split is not None
-    if spec.streaming or not (named or cfg.eval_fraction):
-      continue
-    reader = open_reader(spec, spec.eval_split if named else spec.split, cache_dir=cache_dir)
-    fmt = source_format(spec, reader.column_names)
+  for spec in _holding_sources(cfg):
     out: list[Prompt] = []
-    for lo in range(0, reader.num_rows, _READ):
-      hi = min(lo + _READ, reader.num_rows)
-      held = np.ones(hi - lo, bool) if named else eval_rows(np.arange(lo, hi), cfg.eval_fraction, cfg.eval_seed)
-      rows = reader.read(lo, hi)
-      for i in np.flatnonzero(held):
-        prompt = _prompt(rows[i], fmt, cfg, aliases)
-        if prompt is not None:
-          out.append(prompt)
-          if len(out) == count:
-            return out
+    for messages in _held_out_messages(spec, cfg, cache_dir):
+      prompt = _first_prompt(messages)
+      if prompt is not None:
+        out.append(prompt)
+        if len(out) == count:
+          return out
     return out
   return []
 
 
-def _prompt(row, fmt: str, cfg, aliases) -> Prompt | None:
-  try:
-    example = to_example(row, fmt, chat_prompt_completion=cfg.chat_prompt_completion, role_aliases=aliases)
-  except BadRow:
-    return None  # the loader skips (and counts) such rows too
-  if not isinstance(example, Conversation):
-    return None  # plain text has no turn to answer
-  roles = [m["role"] for m in example.messages]
+def held_out_conversations(cfg, *, cache_dir: str | None = None) -> Iterator[list[dict]]:
+  """The whole conversations (messages with canonical roles) of every held-out row of every map-style source
+  that holds rows out, in source and row order; rows the loader would skip, and plain text, are left out."""
+  for spec in _holding_sources(cfg):
+    yield from _held_out_messages(spec, cfg, cache_dir)
+
+
+def _holding_sources(cfg):
+  specs = parse_sources(list(cfg.sources), default_format=cfg.format, default_eval_split=cfg.eval_split)
+  return [s for s in specs if not s.streaming and (s.eval_split is not None or cfg.eval_fraction)]
+
+
+def _held_out_messages(spec, cfg, cache_dir):
+  aliases = {**ROLE_ALIASES, **dict(cfg.role_aliases or {})}
+  named = spec.eval_split is not None
+  reader = open_reader(spec, spec.eval_split if named else spec.split, cache_dir=cache_dir)
+  fmt = source_format(spec, reader.column_names)
+  for lo in range(0, reader.num_rows, _READ):
+    hi = min(lo + _READ, reader.num_rows)
+    held = np.ones(hi - lo, bool) if named else eval_rows(np.arange(lo, hi), cfg.eval_fraction, cfg.eval_seed)
+    rows = reader.read(lo, hi)
+    for i in np.flatnonzero(held):
+      try:
+        example = to_example(rows[i], fmt, chat_prompt_completion=cfg.chat_prompt_completion, role_aliases=aliases)
+      except BadRow:
+        continue  # the loader skips (and counts) such rows too
+      if isinstance(example, Conversation):  # plain text has no turn to answer
+        yield example.messages
+
+
+def _first_prompt(messages) -> Prompt | None:
+  roles = [m["role"] for m in messages]
   if "assistant" not in roles or "user" not in roles[:roles.index("assistant")]:
     return None
   k = roles.index("assistant")
-  return Prompt(messages=example.messages[:k], reference=example.messages[k]["content"])
+  return Prompt(messages=messages[:k], reference=messages[k]["content"])

@@ -35,6 +35,7 @@ TOOL_SYSTEM = ("You can call tools. To call one, answer with <tool_call>{json}</
 
 OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b),
        "*": ("times", lambda a, b: a * b)}
+FOLLOW_UP_VERBS = {"+": "add", "-": "subtract"}  # "What if I add 3?": the follow-ups' ops, as verbs
 SYNONYMS = {  # word -> (synonyms, their odds): the odds are what a teacher can learn and a label cannot show
     "happy": (["glad", "joyful", "cheerful", "content"], [0.4, 0.3, 0.2, 0.1]),
     "big": (["large", "huge", "vast", "giant"], [0.5, 0.2, 0.2, 0.1]),
@@ -91,7 +92,7 @@ def _arithmetic(rng, style):
     d = rng.randint(1, 9)
     op2 = _pick(rng, ["+", "-"])
     e = OPS[op2][1](c, d)
-    verb = "add" if op2 == "+" else "subtract"
+    verb = FOLLOW_UP_VERBS[op2]
     follow = _pick(rng, [f"And {OPS[op2][0]} {d}?", f"Now {op2} {d}.", f"What if I {verb} {d}?"])
     turns += [("user", follow), ("assistant", _arith_answer(rng, c, op2, d, e, style))]
     c = e
