@@ -11,7 +11,6 @@ once. --task answers: the model answers greedily every question of the data whos
 scored), by default the bundled chats' held-out rows.
 """
 
-import functools
 import json
 
 from absl import app, flags
@@ -95,10 +94,6 @@ def answers_accuracy(model, tokenizer=None, *, data_paths=None, fmt="auto", spli
   max_new_tokens are skipped as "too_long") plus "answers": each question's category, prompt, reply and
   verdict."""
   # Imported here so --help is fast.
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
   from jaxkd import answers, config_base, data, generate, models, tiny  # pylint: disable=import-outside-toplevel
 
   if isinstance(model, str):
@@ -124,44 +119,19 @@ def answers_accuracy(model, tokenizer=None, *, data_paths=None, fmt="auto", spli
                      f"{dict(found.skipped)})")
   order = sorted(fits, key=lambda i: len(ids[i]))  # similar lengths together: less padding
   b = min(batch_size, len(order))
-  graphdef, state = nnx.split(model)
-  eos_ids = tuple(generate.eos_ids_of(tokenizer))
+  eos_ids = generate.eos_ids_of(tokenizer)
   replies = {}
-  for lo in range(0, len(order), b):
+  for lo in range(0, len(order), b):  # every batch b rows, prompts padded to a bucket: few compiles
     rows = order[lo:lo + b]
-    p = -(-max(len(ids[i]) for i in rows) // PROMPT_BUCKET) * PROMPT_BUCKET
-    tokens_BxP, mask_BxP = np.zeros((b, p), np.int32), np.zeros((b, p), np.int32)
-    for r in range(b):  # a short last batch repeats its last row: every batch has the same shape
-      x = ids[rows[min(r, len(rows) - 1)]]
-      tokens_BxP[r, p - len(x):], mask_BxP[r, p - len(x):] = x, 1
-    out_BxN, lengths = jax.device_get(_greedy_loop()(graphdef, state, tokens_BxP, mask_BxP,
-                                                     max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                                     vocab_size=len(tokenizer)))
-    for r, i in enumerate(rows):
-      replies[i] = tokenizer.decode(out_BxN[r, :lengths[r]].tolist(), skip_special_tokens=True).strip()
+    outs = generate.generate(model, [ids[i] for i in rows], max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                             vocab_size=len(tokenizer), pad_to=PROMPT_BUCKET, rows=b)
+    for i, out in zip(rows, outs):
+      replies[i] = tokenizer.decode(out, skip_special_tokens=True).strip()
   said = [replies[i] for i in fits]
   out = answers.score(asked, said, found.skipped)
   out["answers"] = [{"category": q.category, "prompt": q.messages[-1]["content"], "reply": r,
                      "reference": q.reference, "right": bool(q.check(r))} for q, r in zip(asked, said)]
   return out
-
-
-@functools.cache
-def _greedy_loop():
-  """`generate.sample_on_device` at temperature 0 under one jit kept for the process: a batch of a shape seen
-  before runs without compiling (`generate.generate` builds a new jit each call, so compiles every batch)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from jaxkd import generate  # pylint: disable=import-outside-toplevel
-
-  @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "vocab_size"))
-  def run(graphdef, state, ids_BxP, mask_BxP, *, max_new_tokens, eos_ids, vocab_size):
-    return generate.sample_on_device(nnx.merge(graphdef, state), ids_BxP, mask_BxP, jax.random.key(0),
-                                     max_new_tokens=max_new_tokens, eos_ids=eos_ids, temperature=0.0,
-                                     vocab_size=vocab_size)
-
-  return run
 
 
 def print_answers(out: dict) -> None:

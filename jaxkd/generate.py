@@ -8,6 +8,8 @@ appended to the cache, the whole loop compiled into one call on the device (`sam
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,29 +75,35 @@ def sample_on_device(model, ids_BxP, mask_BxP, key, *, max_new_tokens: int, eos_
   return tokens_BxN, lengths
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "temperature", "top_k",
+                                             "top_p", "vocab_size"))
+def _decode(graphdef, state, ids_BxP, mask_BxP, key, **settings):
+  """`sample_on_device` under one jit for the process: a call of shapes and settings seen before runs at once."""
+  return sample_on_device(nnx.merge(graphdef, state), ids_BxP, mask_BxP, key, **settings)
+
+
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             vocab_size: int | None = None) -> list[list[int]]:
-  """New token ids for each prompt (stopping at an eos id, which is kept), as lists (`sample_on_device`)."""
-  b, p = len(prompts), max(len(x) for x in prompts)
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0, vocab_size: int | None = None,
+             pad_to: int = 1, rows: int | None = None) -> list[list[int]]:
+  """New token ids for each prompt (stopping at an eos id, which is kept), as lists (`sample_on_device`).
+
+  Prompts are left-padded to the longest one, rounded up to a multiple of `pad_to`, and the batch is filled up to
+  `rows` rows (repeating the last prompt), so that batches of similar shapes share one compiled loop."""
+  b, p = max(len(prompts), rows or 0), -(-max(len(x) for x in prompts) // pad_to) * pad_to
   problem = model.cfg.too_long(p + max_new_tokens, what=f"prompt ({p}) + max_new_tokens ({max_new_tokens})",
                                name="model", fix="shorten the prompt or lower max_new_tokens")
   if problem:
     raise ValueError(problem)
   ids = np.zeros((b, p), np.int32)
   mask = np.zeros((b, p), np.int32)
-  for i, x in enumerate(prompts):  # left padding: every row's next token goes to the same slot
+  for i in range(b):  # left padding: every row's next token goes to the same slot
+    x = prompts[min(i, len(prompts) - 1)]
     ids[i, p - len(x):], mask[i, p - len(x):] = x, 1
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def run(state, ids, mask, key):
-    return sample_on_device(nnx.merge(graphdef, state), ids, mask, key, max_new_tokens=max_new_tokens,
-                            eos_ids=tuple(eos_ids), temperature=temperature, top_k=top_k, top_p=top_p,
-                            vocab_size=vocab_size)
-
-  tokens, lengths = jax.device_get(run(state, ids, mask, jax.random.key(seed)))
-  return [tokens[r, :lengths[r]].tolist() for r in range(b)]
+  tokens, lengths = jax.device_get(_decode(
+      graphdef, state, ids, mask, jax.random.key(seed), max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids),
+      temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size))
+  return [tokens[r, :lengths[r]].tolist() for r in range(len(prompts))]
 
 
 def encode_prompt(tokenizer, text: str, *, chat: bool = True, system: str | None = None) -> list[int]:

@@ -41,7 +41,8 @@ def test_bench_appends_a_train_step_row(tmp_path):
 
 def test_kd_vs_sft_writes_report_and_plot_and_plot_runs_draws_them(tmp_path):
   workdir = str(tmp_path / "kvs")
-  out = _script("kd_vs_sft.py", "--workdir", workdir, "--seeds", "0", "--steps", 3, "--modes", "logit_kd,offline_kd")
+  out = _script("kd_vs_sft.py", "--workdir", workdir, "--seeds", "0", "--steps", 3, "--modes",
+                "logit_kd,offline_kd,on_policy_kd", "--answer_points", 1, "--answers_limit", 8)
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
   # The verdict, in the report and printed, is the one the per-seed held-out losses give.
@@ -59,11 +60,20 @@ def test_kd_vs_sft_writes_report_and_plot_and_plot_runs_draws_them(tmp_path):
   assert (manifest["rows"], manifest["k"], manifest["complete"]) == (24, 64, True)
   assert json.load(open(os.path.join(workdir, "offline_kd-seed0", "config.json")))["teacher"]["cache"] == cache
   assert report["offline_kd"]["tokens_per_s"] > 0 and report["logit_kd"]["tokens_per_s"] > 0
-  for mode in ("teacher", "sft", "logit_kd", "offline_kd"):
-    assert {"eval_loss", "eval_accuracy"} <= set(report[mode]), mode
+  for mode in ("teacher", "sft", "logit_kd", "offline_kd", "on_policy_kd"):
+    assert {"eval_loss", "eval_accuracy", "answers"} <= set(report[mode]), mode
     assert f"{mode:>13}: held-out loss {report[mode]['eval_loss']:.4f}" in out, mode  # printed as reported
     assert 0 < report[mode]["eval_loss"] < 20 and 0 <= report[mode]["eval_accuracy"] <= 1
   assert report["teacher"]["eval_loss"] < report["sft"]["eval_loss"]  # a trained teacher, 3-step students
+  # The share of the first 8 held-out questions answered right, at the one checkpoint (the last step).
+  assert report["teacher"]["answers"] > 0
+  for mode in ("sft", "logit_kd", "offline_kd", "on_policy_kd"):
+    curve = report[mode]["per_seed"]["0"]["answers_curve"]
+    assert [(c["step"], c["total"]) for c in curve] == [(3, 8)] and report[mode]["answers"] == curve[0]["accuracy"]
+  won = report["on_policy_kd_answers_more_than_logit_kd_seeds"]
+  assert f"on_policy_kd answers more held-out questions right than logit_kd on {len(won)} of 1 seed(s)" in out
+  on_policy_rows = [json.loads(line) for line in open(os.path.join(workdir, "on_policy_kd-seed0", "metrics.jsonl"))]
+  assert any("sampled_len" in r for r in on_policy_rows)  # its on-policy steps ran
   assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000
   png = str(tmp_path / "two.png")
   _script("plot_runs.py", os.path.join(workdir, "sft-seed0"), os.path.join(workdir, "logit_kd-seed0"), "--out", png)
