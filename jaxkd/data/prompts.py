@@ -21,7 +21,9 @@ _READ = 256  # rows read at a time while looking for held-out ones
 @dataclasses.dataclass
 class Prompt:
   messages: list[dict]  # the conversation up to (not including) its first assistant turn
-  reference: str  # that assistant turn's content, as the data has it
+  reference: str  # that assistant turn's content, as the data has it ("" for a turn that only calls tools)
+  tools: list | None = None  # the row's function schemas, for the chat template
+  calls: list | None = None  # that turn's tool_calls ({"type": "function", "function": {name, arguments}})
 
 
 def held_out_prompts(cfg, count: int, *, cache_dir: str | None = None) -> list[Prompt]:
@@ -62,4 +64,6 @@ def _prompt(row, fmt: str, cfg, aliases) -> Prompt | None:
   if "assistant" not in roles or "user" not in roles[:roles.index("assistant")]:
     return None
   k = roles.index("assistant")
-  return Prompt(messages=example.messages[:k], reference=example.messages[k]["content"])
+  turn = example.messages[k]
+  return Prompt(messages=example.messages[:k], reference=turn.get("content") or "", tools=example.tools,
+                calls=turn.get("tool_calls"))
