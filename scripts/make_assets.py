@@ -5,7 +5,8 @@
 
 The conversations come from jaxkd.data.synthetic (answers drawn from distributions over valid phrasings, so
 a teacher's probabilities carry more than a sampled label; a few system and tool turns). They are written
-twice: ShareGPT (`conversations` of `from`/`value`) and OpenAI-style (`messages` of `role`/`content`). The
+twice: ShareGPT (`conversations` of `from`/`value`) and OpenAI-style (`messages` of `role`/`content`); those
+that call tools a third time in the OpenAI tool-calling layout (`tool_calls`, `tool` messages, `tools`). The
 tokenizer is a byte-level BPE trained on the dataset text with ChatML special tokens and chat template; a
 SentencePiece-style BPE on the same text is the tokenizer of the tiny cross-tokenizer teacher.
 """
@@ -36,6 +37,9 @@ def write_all(seed: int, n: int, assets_dir: str) -> None:
         f"Made by `python scripts/make_assets.py` (seed {seed}, {n} conversations, BPE vocab {len(tok)}).\n\n"
         "- `data/chat_sharegpt.jsonl`: synthetic chats, ShareGPT form (`conversations` of `from`/`value`).\n"
         "- `data/chat_messages.jsonl`: the same chats, OpenAI form (`messages` of `role`/`content`).\n"
+        "- `data/chat_tools_openai.jsonl`: the chats among them that call tools, in the OpenAI tool-calling\n"
+        "  layout: `tool_calls` (content null, arguments a JSON string), `tool` messages with `tool_call_id`,\n"
+        "  and `tools`, the JSON schemas of calculator(expression) and get_weather(city).\n"
         "- `tokenizer/`: byte-level BPE trained on those chats, ChatML special tokens and chat template.\n"
         f"- `tokenizer_other/`: a SentencePiece-style BPE (vocab {len(other)}, words with a ▁ prefix) on the\n"
         "  same text, whose tokens end at other characters: the tokenizer of the tiny cross-tokenizer\n"

@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
-from jaxkd.data import ASSETS_DIR, CHAT_MESSAGES, CHAT_SHAREGPT, TOKENIZER_DIR, load_tokenizer, to_example
+from jaxkd.data import (ASSETS_DIR, CHAT_MESSAGES, CHAT_SHAREGPT, CHAT_TOOLS_OPENAI, TOKENIZER_DIR, load_tokenizer,
+                        to_example)
+from jaxkd.data import synthetic
 from tests.runs import ROOT
 
 
@@ -56,3 +58,28 @@ def test_tokenizer():
   chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
   assert tok.apply_chat_template(chat, tokenize=False) == (
       "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n")
+
+
+def test_tool_chats_in_the_openai_layout_are_the_generators_and_the_same_conversations():
+  conversations = synthetic.make_conversations(synthetic.DEFAULT_SEED, synthetic.NUM_CONVERSATIONS)
+  rows = read(CHAT_TOOLS_OPENAI)
+  assert rows == [synthetic.openai_tool_row(t) for t in conversations if synthetic.calls_tools(t)]
+  text_form = [r for r in read(CHAT_MESSAGES) if any(m["role"] == "tool" for m in r["messages"])]
+  assert len(rows) == len(text_form) > 100
+  names = collections.Counter()
+  for row, text in zip(rows, text_form):
+    assert row["tools"] == synthetic.TOOL_SCHEMAS
+    ex = to_example(row, "messages")
+    assert [m["role"] for m in ex.messages] == [m["role"] for m in text["messages"]]
+    for openai, plain in zip(ex.messages, text["messages"]):
+      if "tool_calls" in openai:  # the text form's <tool_call>{"name": ..., args}</tool_call>, as a call
+        (call,) = openai["tool_calls"]
+        assert "content" not in openai and call["type"] == "function"
+        spec = json.loads(plain["content"].removeprefix("<tool_call>").removesuffix("</tool_call>"))
+        assert {"name": call["function"]["name"], **call["function"]["arguments"]} == spec
+        names[call["function"]["name"]] += 1
+      elif openai["role"] == "tool":
+        assert openai["content"] == plain["content"] and openai["tool_call_id"] == "call_0"
+      elif openai["role"] != "system":
+        assert openai == plain
+  assert names["calculator"] > 50 and names["get_weather"] > 50

@@ -30,6 +30,22 @@ def test_held_out_prompts_are_the_first_held_out_rows_cut_before_the_reply():
   assert not data.held_out_prompts(cfg, 5)
 
 
+def test_held_out_tool_prompts_carry_the_tools_and_the_expected_calls():
+  cfg = tiny_defaults(base_config()).data
+  cfg.sources = [dict(path=data.CHAT_TOOLS_OPENAI)]
+  with open(data.CHAT_TOOLS_OPENAI) as f:
+    rows = [json.loads(line) for line in f]
+  held = np.flatnonzero(eval_rows(np.arange(len(rows)), cfg.eval_fraction, cfg.eval_seed))
+  got = data.held_out_prompts(cfg, 3)
+  assert len(got) == 3
+  for i, p in zip(held, got):  # each held-out row's first assistant turn is a call with null content
+    (call,) = rows[i]["messages"][2]["tool_calls"]
+    assert [m["role"] for m in p.messages] == ["system", "user"] and p.reference == ""
+    assert p.tools == rows[i]["tools"]
+    assert p.calls == [{**call, "function": {**call["function"],
+                                             "arguments": json.loads(call["function"]["arguments"])}}]
+
+
 def test_answers_are_transformers_greedy_generations():
   cfg = tiny_defaults(base_config()).data
   tok = data.load_tokenizer(TEACHER)

@@ -13,7 +13,7 @@ without importing JAX and grain.
 import importlib
 
 _EXPORTS = {
-    "ASSETS_DIR": "assets", "CHAT_MESSAGES": "assets", "CHAT_SHAREGPT": "assets", "TOKENIZER_DIR": "assets",
+    "ASSETS_DIR": "assets", "CHAT_MESSAGES": "assets", "CHAT_SHAREGPT": "assets", "CHAT_TOOLS_OPENAI": "assets", "TOKENIZER_DIR": "assets",
     "default_data_config": "config",
     "CHATML_TEMPLATE": "encode", "resolve_template": "encode", "teacher_template": "encode",
     "FORMATS": "formats", "BadRow": "formats", "Conversation": "formats", "DataError": "formats",

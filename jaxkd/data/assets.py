@@ -10,3 +10,5 @@ TOKENIZER_DIR = os.path.join(ASSETS_DIR, "tokenizer")
 OTHER_TOKENIZER_DIR = os.path.join(ASSETS_DIR, "tokenizer_other")
 CHAT_SHAREGPT = os.path.join(ASSETS_DIR, "data", "chat_sharegpt.jsonl")
 CHAT_MESSAGES = os.path.join(ASSETS_DIR, "data", "chat_messages.jsonl")
+# The conversations of CHAT_MESSAGES that call tools, in the OpenAI layout (tool_calls, tool messages, tools).
+CHAT_TOOLS_OPENAI = os.path.join(ASSETS_DIR, "data", "chat_tools_openai.jsonl")

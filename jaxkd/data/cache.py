@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxkd.data.encode import Encoded
 
-CACHE_VERSION = 1  # bump when the encoding changes meaning, so old entries are ignored
+CACHE_VERSION = 2  # bump when the encoding changes meaning, so old entries are ignored (2: tool calls)
 
 
 def default_cache_dir() -> str:

@@ -26,9 +26,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   #   streaming   read with HF streaming, tokenizing on the fly (for sets too large to tokenize up front)
   #   columns     {canonical: actual} renames, e.g. {"conversations": "dialog"}
   c.sources = [dict(path=CHAT_SHAREGPT)]
-  # "auto" (from the column names) or one of sharegpt, messages, alpaca, prompt_completion, text.
+  # "auto" (from the column names) or one of sharegpt, messages (OpenAI, with tool_calls, tool messages and
+  # a tools column), alpaca, prompt_completion, text, xlam (query/tools/answers), glaive (system/chat).
   c.format = "auto"
-  # Chat template: None = the student tokenizer's own; "chatml"; or a Jinja template string.
+  # Chat template: None = the student tokenizer's own; "chatml"; "chatml_tools" (ChatML that renders tools
+  # and tool calls as Qwen2.5 does); or a Jinja template string. Tool-calling data needs a template that
+  # renders `tools` and `tool_calls` (the model's own): rows whose calls a template drops are skipped.
   c.chat_template = None
   # The teacher's template when its tokenizer differs: None = the teacher tokenizer's own, else the student's.
   c.teacher_chat_template = None

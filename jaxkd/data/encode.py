@@ -5,6 +5,12 @@ spans: the spans the loss covers (each assistant message plus the end-of-turn to
 the whole text) and the span of every message's content. A fast tokenizer's character offsets turn those
 spans into a per-token mask, so the mask follows whatever the template renders around the messages.
 
+An assistant turn that calls tools is rendered by the template from its `tool_calls`, not from its content,
+so its span is found by rendering the conversation up to it with the generation prompt and then through it:
+the difference, up to its end-of-turn token, is what the model writes (what transformers'
+`return_assistant_tokens_mask` gives on a `{% generation %}`-marked copy of the template). Tool results are
+never trained.
+
 With a teacher tokenizer that differs from the student's, each example is rendered and tokenized by both,
 and tokens are paired where a student token and a teacher token end at the same character of the same
 message content (of the whole text when both sides render the same text). Hidden-state distillation across
@@ -31,7 +37,42 @@ CHATML_TEMPLATE = (
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+# ChatML with tools, as Qwen2.5-Instruct renders them (the schemas in the system turn, each call a
+# <tool_call>{"name", "arguments"}</tool_call> block, tool results as <tool_response> blocks of a user turn),
+# again without Qwen's default system prompt: the tiny models' template for tool-calling data such as
+# jaxkd/assets/data/chat_tools_openai.jsonl. Conversations without tools or tool turns render as CHATML_TEMPLATE does.
+CHATML_TOOLS_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided "
+    "with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' and loop.first and tools %}"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}"
+    "{{- '<|im_start|>assistant' }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' + tool_call.arguments | tojson "
+    "+ '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE, "chatml_tools": CHATML_TOOLS_TEMPLATE}
 
 FIRST_BAD_ROWS = 5  # row indices kept per bad-row reason for the summary
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -132,42 +173,56 @@ class Side:
 
   # -- rendering ------------------------------------------------------------------------------------------
 
-  def _render(self, messages, tools, generation: bool = False):
-    """(text, generation spans or None). Plain messages skip transformers' per-call conversion of its inputs
-    (dataclasses, reasoning aliases), which costs as much as the rendering itself."""
+  def _render(self, messages, tools, generation: bool = False, prompt: bool = False):
+    """(text, generation spans or None), with `tools` passed to the template as transformers passes them.
+    Without generation spans the compiled template is called directly: transformers' per-call conversion of
+    its inputs (dataclasses, reasoning aliases) costs as much as the rendering and changes nothing for the
+    plain JSON that formats.py makes."""
     from transformers.utils import chat_template_utils as ctu
 
-    if not generation and tools is None and hasattr(ctu, "_compile_jinja_template"):
+    if not generation and hasattr(ctu, "_compile_jinja_template"):
       return ctu._compile_jinja_template(self.template).render(  # pylint: disable=protected-access
-          messages=messages, tools=None, documents=None, add_generation_prompt=False, **self.template_vars), None
+          messages=messages, tools=tools, documents=None, add_generation_prompt=prompt, **self.template_vars), None
     texts, indices = ctu.render_jinja_template([messages], tools=tools, chat_template=self.template,
-                                               return_assistant_tokens_mask=generation, **self.template_vars)
+                                               return_assistant_tokens_mask=generation,
+                                               add_generation_prompt=prompt, **self.template_vars)
     return texts[0], (indices[0] if generation else None)
 
-  def _content_spans(self, conv: Conversation, text: str, tools) -> list[tuple[int, int]]:
+  def _content_spans(self, conv: Conversation, text: str, tools) -> list[tuple[int, int] | None]:
     """Where each message's content sits in `text`: from a render with sentinels in place of the contents
-    when that reproduces `text` exactly, else by searching each content in order."""
-    # With placeholders the render depends only on the roles (and tools), so it is shared by every
-    # conversation with the same turn pattern; the comparison with `text` below keeps each row exact.
-    key = (tuple(m["role"] for m in conv.messages), None if tools is None else json.dumps(tools, sort_keys=True))
-    pieces = self._pieces.get(key)
+    when that reproduces `text` exactly, else by searching each content in order. None for a message the
+    template does not show as given (no content, a call turn's text that Llama 3.1 drops, a tool result it
+    passes through `tojson`): such messages are not trained by their content, so only a plain assistant
+    reply that cannot be found makes the row bad."""
+    messages = conv.messages
+    # A call turn with empty content keeps it: templates test `if message.content` to place the calls.
+    marked_at = [i for i, m in enumerate(messages) if "content" in m and (m["content"] or "tool_calls" not in m)]
+    # With placeholders the render of plain messages depends only on the roles (and tools), so it is shared
+    # by every conversation with the same turn pattern; the comparison with `text` below keeps each row
+    # exact. Calls, ids and names make each render its own: those are not kept.
+    shared = all(m.keys() <= {"role", "content"} for m in messages)
+    key = (tuple(m["role"] for m in messages), None if tools is None else json.dumps(tools, sort_keys=True))
+    pieces = self._pieces.get(key) if shared else None
     if pieces is None:
-      marked = [{"role": m["role"], "content": f"\ue000{i}\ue001"} for i, m in enumerate(conv.messages)]
+      marked = [dict(m) for m in messages]
+      for k, i in enumerate(marked_at):
+        marked[i]["content"] = f"\ue000{k}\ue001"
       try:
         pieces = _SENTINEL.split(self._render(marked, tools)[0])
       except Exception:  # a template may reject placeholder content; the search below still works
         pieces = []
-      if len(self._pieces) < 4096:
+      if shared and len(self._pieces) < 4096:
         self._pieces[key] = pieces
-    n = len(conv.messages)
+    n = len(marked_at)
     valid = len(pieces) == 2 * n + 1 and [int(p) for p in pieces[1::2]] == list(range(n))
+    spans: list[tuple[int, int] | None] = [None] * len(messages)
     if valid:
-      spans, out, pos = [], [], 0
-      for i in range(n):
-        out.append(pieces[2 * i])
-        pos += len(pieces[2 * i])
-        content = conv.messages[i]["content"]
-        spans.append((pos, pos + len(content)))
+      out, pos = [], 0
+      for k, i in enumerate(marked_at):
+        out.append(pieces[2 * k])
+        pos += len(pieces[2 * k])
+        content = messages[i]["content"]
+        spans[i] = (pos, pos + len(content))
         out.append(content)
         pos += len(content)
       out.append(pieces[-1])
@@ -176,22 +231,44 @@ class Side:
     # The template changes content (trims it, ...): each message's content must follow its own markup.
     # Searching the content alone could match inside the markup before it (a reply "a" or "assistant"
     # inside "<|im_start|>assistant"), which would train the markup and not the reply.
-    spans, cursor = [], 0
-    for i, message in enumerate(conv.messages):
+    spans, cursor = [None] * len(messages), 0
+    for k, i in enumerate(marked_at):
+      message = messages[i]
       content = message["content"]
       candidates = dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip()))
       if valid:  # the markup is known: the content starts right after it
-        at = text.find(pieces[2 * i], cursor)
-        start = at + len(pieces[2 * i])
+        at = text.find(pieces[2 * k], cursor)
+        start = at + len(pieces[2 * k])
         found = next((c for c in candidates if at >= 0 and text.startswith(c, start)), None)
       else:  # the template rejected placeholder contents: search for the content itself
         start, found = next(((s, c) for c in candidates if (s := text.find(c, cursor)) >= 0), (-1, None))
       if found is None:
-        raise BadRow("content_not_in_template",
-                     f"{self.name} template changes the text of message {i} ({message['role']})")
-      spans.append((start, start + len(found)))
+        if message["role"] == "assistant" and "tool_calls" not in message:
+          raise BadRow("content_not_in_template",
+                       f"{self.name} template changes the text of message {i} ({message['role']})")
+        continue
+      spans[i] = (start, start + len(found))
       cursor = start + len(found)
     return spans
+
+  def _call_turn(self, ex: Conversation, i: int, text: str) -> tuple[int, int]:
+    """The characters the model writes for assistant message `i`, which calls tools: the render of
+    messages[:i+1] past the render of messages[:i] with the generation prompt, up to its end-of-turn token.
+    That is what a {% generation %}-marked copy of the template marks, wherever the template puts the calls
+    (Qwen2.5's <tool_call> blocks after the content, Llama 3.1's JSON in place of it)."""
+    try:
+      before = self._render(ex.messages[:i], ex.tools, prompt=True)[0]
+      through = self._render(ex.messages[:i + 1], ex.tools)[0]
+    except Exception as e:
+      raise BadRow("template_error", f"{self.name} template: {type(e).__name__}: {e}") from None
+    if not (through.startswith(before) and text.startswith(through)):
+      raise BadRow("content_not_in_template",
+                   f"{self.name} template renders the turns before message {i} differently once message {i} "
+                   "follows them, so its tool call cannot be located")
+    turn = through[len(before):]
+    _require_calls(turn, ex.messages[i], i, self.name)
+    ends = [at + len(t) for t in self.end_of_turn if (at := turn.find(t)) >= 0]
+    return len(before), len(before) + (min(ends) if ends else len(turn.rstrip()))
 
   def render(self, ex: Conversation | Text, train_on: str) -> Rendered:
     if isinstance(ex, Text):
@@ -204,19 +281,37 @@ class Side:
       text, generation = self._render(ex.messages, ex.tools, generation=self.has_generation)
     except Exception as e:
       raise BadRow("template_error", f"{self.name} template: {type(e).__name__}: {e}") from None
+    # Calls and schemas a template leaves out would train a conversation without them: refuse the row.
+    unseen = [name for name in map(_tool_name, ex.tools or ()) if name and name not in text]
+    if unseen:
+      raise BadRow("template_error", f"{self.name} template does not render the tools {unseen}: use a chat "
+                   "template that renders `tools` (the model's own)")
     spans = self._content_spans(ex, text, ex.tools)
     if train_on == "all":
       trained = [(0, len(text))]
     elif generation is not None:  # the template marks what the model generates: trust it
+      for i, message in enumerate(ex.messages):
+        if "tool_calls" in message:
+          _require_calls(text, message, i, self.name)
       trained = sorted((int(s), int(e)) for s, e in generation)
     else:
       trained = []
-      for (start, end), message in zip(spans, ex.messages):
-        if message["role"] == "assistant":
-          gap = len(text[end:]) - len(text[end:].lstrip(" "))  # Llama 2 puts a space before </s>
-          eot = next((t for t in self.end_of_turn if text.startswith(t, end + gap)), None)
-          trained.append((start, end + gap + len(eot) if eot else end))
-    return Rendered(text, trained, [_stripped(text, span) for span in spans], plain=False)
+      for i, (span, message) in enumerate(zip(spans, ex.messages)):
+        if message["role"] != "assistant":
+          continue
+        if "tool_calls" in message:
+          trained.append(self._call_turn(ex, i, text))
+          continue
+        start, end = span
+        gap = len(text[end:]) - len(text[end:].lstrip(" "))  # Llama 2 puts a space before </s>
+        eot = next((t for t in self.end_of_turn if text.startswith(t, end + gap)), None)
+        trained.append((start, end + gap + len(eot) if eot else end))
+    # A message the template does not show as given anchors nothing: an empty anchor keeps them in order.
+    anchors, at = [], 0
+    for span in spans:
+      anchors.append(_stripped(text, span) if span is not None else (at, at))
+      at = anchors[-1][1]
+    return Rendered(text, trained, anchors, plain=False)
 
   # -- tokenizing -----------------------------------------------------------------------------------------
 
@@ -238,6 +333,19 @@ class Side:
         mask = np.concatenate([np.zeros(pre, bool), mask, np.full(suf, ends_trained)])
       out.append((ids, offsets, mask))
     return out
+
+
+def _tool_name(tool) -> str | None:
+  function = tool.get("function", tool) if isinstance(tool, Mapping) else None
+  return function.get("name") if isinstance(function, Mapping) else None
+
+
+def _require_calls(text: str, message: Mapping, i: int, name: str) -> None:
+  """BadRow when `text` lacks the name of a function that message `i` calls: the template dropped the call."""
+  missing = [c["function"]["name"] for c in message["tool_calls"] if c["function"]["name"] not in text]
+  if missing:
+    raise BadRow("template_error", f"{name} template does not render the tool calls of message {i} "
+                 f"({', '.join(missing)}): use a chat template that renders `tool_calls` (the model's own)")
 
 
 def _stripped(text: str, span: tuple[int, int]) -> tuple[int, int]:

@@ -23,7 +23,9 @@ _READ = 256  # rows read at a time while looking for held-out ones
 @dataclasses.dataclass
 class Prompt:
   messages: list[dict]  # the conversation up to (not including) its first assistant turn
-  reference: str  # that assistant turn's content, as the data has it
+  reference: str  # that assistant turn's content, as the data has it ("" for a turn that only calls tools)
+  tools: list | None = None  # the row's function schemas, for the chat template
+  calls: list | None = None  # that turn's tool_calls ({"type": "function", "function": {name, arguments}})
 
 
 def held_out_prompts(cfg, count: int, *, cache_dir: str | None = None) -> list[Prompt]:
@@ -32,8 +34,8 @@ def held_out_prompts(cfg, count: int, *, cache_dir: str | None = None) -> list[P
   Streaming sources are passed over (their held-out rows are known only by reading the stream)."""
   for spec in _holding_sources(cfg):
     out: list[Prompt] = []
-    for messages in _held_out_messages(spec, cfg, cache_dir):
-      prompt = _first_prompt(messages)
+    for example in _held_out_examples(spec, cfg, cache_dir):
+      prompt = _first_prompt(example)
       if prompt is not None:
         out.append(prompt)
         if len(out) == count:
@@ -46,7 +48,8 @@ def held_out_conversations(cfg, *, cache_dir: str | None = None) -> Iterator[lis
   """The whole conversations (messages with canonical roles) of every held-out row of every map-style source
   that holds rows out, in source and row order; rows the loader would skip, and plain text, are left out."""
   for spec in _holding_sources(cfg):
-    yield from _held_out_messages(spec, cfg, cache_dir)
+    for example in _held_out_examples(spec, cfg, cache_dir):
+      yield example.messages
 
 
 def _holding_sources(cfg):
@@ -54,7 +57,7 @@ def _holding_sources(cfg):
   return [s for s in specs if not s.streaming and (s.eval_split is not None or cfg.eval_fraction)]
 
 
-def _held_out_messages(spec, cfg, cache_dir):
+def _held_out_examples(spec, cfg, cache_dir) -> Iterator[Conversation]:
   aliases = {**ROLE_ALIASES, **dict(cfg.role_aliases or {})}
   named = spec.eval_split is not None
   reader = open_reader(spec, spec.eval_split if named else spec.split, cache_dir=cache_dir)
@@ -69,12 +72,14 @@ def _held_out_messages(spec, cfg, cache_dir):
       except BadRow:
         continue  # the loader skips (and counts) such rows too
       if isinstance(example, Conversation):  # plain text has no turn to answer
-        yield example.messages
+        yield example
 
 
-def _first_prompt(messages) -> Prompt | None:
-  roles = [m["role"] for m in messages]
+def _first_prompt(example: Conversation) -> Prompt | None:
+  roles = [m["role"] for m in example.messages]
   if "assistant" not in roles or "user" not in roles[:roles.index("assistant")]:
     return None
   k = roles.index("assistant")
-  return Prompt(messages=messages[:k], reference=messages[k]["content"])
+  turn = example.messages[k]
+  return Prompt(messages=example.messages[:k], reference=turn.get("content") or "", tools=example.tools,
+                calls=turn.get("tool_calls"))

@@ -4,7 +4,10 @@ Every assistant answer is drawn from a *distribution* over valid continuations: 
 answer, synonyms with fixed odds, random subsets and orders of a list, stories from a small stochastic
 grammar, and styles set by a system prompt. The best model is therefore uncertain, and a teacher's
 probabilities carry more than the one sampled label, which is what distillation needs to show an effect.
-A few conversations call tools (a calculator, a weather lookup), so tool messages are exercised too.
+A few conversations call tools (a calculator, a weather lookup), so tool messages are exercised too: in the
+text form the bundled tokenizer was trained on (Hermes-style `<tool_call>{json}</tool_call>` in the reply),
+and in the OpenAI layout (`openai_tool_row`: `tool_calls`, `tool` messages with ids, a `tools` list of JSON
+schemas) that a model's own chat template renders.
 
 `scripts/make_assets.py` writes the bundled dataset and tokenizer with these; tests train other small
 tokenizers with `train_tokenizer` (different sizes give different merges).
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 from jaxkd.data.encode import CHATML_TEMPLATE
 
@@ -169,6 +173,48 @@ def _tool(rng, style):
   return turns
 
 
+# The two tools as OpenAI function schemas, for the OpenAI layout of the tool conversations.
+TOOL_SCHEMAS = [
+    {"type": "function", "function": {
+        "name": "calculator", "description": "Evaluates an arithmetic expression.",
+        "parameters": {"type": "object", "properties": {
+            "expression": {"type": "string", "description": "The expression, such as 12 * 34."}},
+                       "required": ["expression"]}}},
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "The current weather in a city.",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "The city's name."}}, "required": ["city"]}}},
+]
+# The OpenAI layout's system prompt: the tools and their call syntax are the chat template's to render.
+OPENAI_TOOL_SYSTEM = "You can call tools."
+_TEXT_CALL = re.compile(r"^<tool_call>(\{.*\})</tool_call>$", re.DOTALL)
+
+
+def openai_tool_row(turns) -> dict:
+  """A tool conversation of `_tool` in the OpenAI layout: the call turn as `tool_calls` (content null, the
+  arguments a JSON string, as the OpenAI API returns them), the result as a `tool` message answering its id."""
+  messages, calls = [], []
+  for role, content in turns:
+    match = _TEXT_CALL.match(content) if role == "assistant" else None
+    if role == "system":
+      messages.append({"role": "system", "content": OPENAI_TOOL_SYSTEM})
+    elif match:
+      arguments = json.loads(match.group(1))
+      calls.append((f"call_{len(calls)}", arguments.pop("name")))
+      messages.append({"role": "assistant", "content": None, "tool_calls": [
+          {"id": calls[-1][0], "type": "function",
+           "function": {"name": calls[-1][1], "arguments": json.dumps(arguments)}}]})
+    elif role == "tool":
+      messages.append({"role": "tool", "tool_call_id": calls[-1][0], "name": calls[-1][1], "content": content})
+    else:
+      messages.append({"role": role, "content": content})
+  return {"messages": messages, "tools": TOOL_SCHEMAS}
+
+
+def calls_tools(turns) -> bool:
+  return any(role == "tool" for role, _ in turns)
+
+
 KINDS = [(_arithmetic, 0.32), (_synonym, 0.2), (_listing, 0.16), (_story, 0.24), (_tool, 0.08)]
 
 
@@ -190,7 +236,8 @@ SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt", "tool"
 
 
 def write_datasets(conversations, out_dir: str) -> None:
-  """Writes chat_sharegpt.jsonl and chat_messages.jsonl (the same conversations) into `out_dir`."""
+  """Writes chat_sharegpt.jsonl and chat_messages.jsonl (the same conversations) into `out_dir`, and
+  chat_tools_openai.jsonl: those that call tools, in the OpenAI layout."""
   os.makedirs(out_dir, exist_ok=True)
   compact = dict(ensure_ascii=False, separators=(",", ":"))
   with open(os.path.join(out_dir, "chat_sharegpt.jsonl"), "w", encoding="utf-8") as f:
@@ -200,6 +247,10 @@ def write_datasets(conversations, out_dir: str) -> None:
   with open(os.path.join(out_dir, "chat_messages.jsonl"), "w", encoding="utf-8") as f:
     for turns in conversations:
       f.write(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}, **compact) + "\n")
+  with open(os.path.join(out_dir, "chat_tools_openai.jsonl"), "w", encoding="utf-8") as f:
+    for turns in conversations:
+      if calls_tools(turns):
+        f.write(json.dumps(openai_tool_row(turns), **compact) + "\n")
 
 
 # ---------------------------------------------------------------------------
