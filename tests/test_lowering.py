@@ -19,7 +19,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxkd import checkpoint, optim, sharding, signals, step as step_lib
+from jaxkd import checkpoint, on_policy, optim, sharding, signals, step as step_lib
 from jaxkd.models import ModelConfig, Transformer
 from jaxkd.models import attention as attn
 from tests.steps import loss_config
@@ -42,8 +42,10 @@ def _target(monkeypatch, backend: str):
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
 
 
-def _lowered_step(platform: str, *, attention="auto", mesh_shape=(1, 1, 1), rows=2, remat="none") -> str:
-  """StableHLO text of the KD train step (bf16 student and teacher, alpha 0.5) lowered for `platform`."""
+def _lowered_step(platform: str, *, attention="auto", mesh_shape=(1, 1, 1), rows=2, remat="none",
+                  rollout=None) -> str:
+  """StableHLO text of the KD train step (bf16 student and teacher, alpha 0.5) lowered for `platform`; with a
+  `rollout` (jaxkd.on_policy.Rollout), of the on-policy step."""
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   with jax.set_mesh(mesh):
     modules = {name: nnx.eval_shape(lambda cfg=cfg, seed=seed, remat=remat: Transformer(
@@ -55,14 +57,17 @@ def _lowered_step(platform: str, *, attention="auto", mesh_shape=(1, 1, 1), rows
     optimizer = optim.skip_nonfinite(optax.adamw(1e-3))
     opt_sh = sharding.opt_state_shardings(mesh, jax.eval_shape(optimizer.init, params), param_sh)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state_sh = step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh)
+    state_sh = step_lib.TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rollout and rep)
     lc = loss_config(alpha=0.5, vocab_size=STUDENT["vocab_size"], chunk_size=128)
     batch_sh = sharding.batch_shardings(mesh, lc.batch_keys())
-    fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lambda s: 1e-3, lc, state_shardings=state_sh,
-                                  teacher_shardings=t_sh, batch_shardings=batch_sh)
+    kw = dict(state_shardings=state_sh, teacher_shardings=t_sh, batch_shardings=batch_sh)
+    if rollout is None:
+      fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lambda s: 1e-3, lc, **kw)
+    else:
+      fn = step_lib.make_on_policy_step(s_def, signals.online(t_def), optimizer, lambda s: 1e-3, lc, rollout, **kw)
     state = checkpoint.abstract_like(step_lib.TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-        opt_state=jax.eval_shape(optimizer.init, params)), state_sh)
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(optimizer.init, params),
+        rng=jax.eval_shape(lambda: on_policy.initial_key(0)) if rollout else None), state_sh)
     ints = jax.ShapeDtypeStruct((rows, T), jnp.int32)
     batch = {k: ints for k in lc.batch_keys()} | {"loss_mask": jax.ShapeDtypeStruct((rows, T), np.float32)}
     batch = checkpoint.abstract_like(batch, batch_sh)
@@ -128,6 +133,25 @@ def test_step_lowered_for_a_tpu_calls_splash_per_shard(monkeypatch):
   s, t = STUDENT, TEACHER
   assert sum(f"tensor<{s['num_heads'] // 2}x{T}x{s['head_dim']}xbf16>" in c for c in calls) == 3
   assert sum(f"tensor<{t['num_heads'] // 2}x{T}x{t['head_dim']}xbf16>" in c for c in calls) == 1
+  assert not _scores(text), _scores(text)
+
+
+def test_on_policy_step_lowered_for_a_tpu_prefills_through_splash(monkeypatch):
+  """The on-policy step: the sampler's prefill of the 128-token prompts runs the splash kernel forward only (the
+  one-token decode steps attend to the cache without it); then the train step's kernels, the teacher's forward-only
+  on the sampled rows. No [B, N, T, T] scores anywhere."""
+  _target(monkeypatch, "tpu")
+  rollout = on_policy.Rollout(max_new_tokens=T // 2, prompt_len=T // 2, prompts_per_row=1, temperature=0.9,
+                              top_p=None, top_k=None, eos_ids=(1,), vocab_size=STUDENT["vocab_size"], seq_kd=False)
+  text = _lowered_step("tpu", rollout=rollout)
+  kernels = collections.Counter(re.findall(r'kernel_name = "(splash_mha_\w+)"', text))
+  assert kernels == {"splash_mha_fwd_segmented_residuals": 1, "splash_mha_fwd_segmented_no_residuals": 2,
+                     "splash_mha_dq_segmented_no_residuals": 1, "splash_mha_dkv_segmented_no_residuals": 1}, kernels
+  calls = [line for line in text.splitlines() if "stablehlo.custom_call @tpu_custom_call" in line]
+  s, t = STUDENT, TEACHER
+  prefill = [c for c in calls if f"x{s['num_heads']}x{T // 2}x{s['head_dim']}xbf16>" in c]
+  assert len(prefill) == 1, calls  # the student's, over the prompt's 128 tokens
+  assert sum(f"x{t['num_heads']}x{T}x{t['head_dim']}xbf16>" in c for c in calls) == 1  # the teacher, forward
   assert not _scores(text), _scores(text)
 
 
