@@ -214,7 +214,8 @@ def report_capture(c) -> int:
   keys = ("input_ids", "segment_ids", "positions")
   b_sh = shd.batch_shardings(mesh, keys)
   vocab = int(c.distill.vocab_size or len(toks.student))
-  fn = jax.jit(signals.top_k_fn(t_def, c.capture.top_k, vocab, c.distill.chunk_size), in_shardings=(t_sh, b_sh))
+  fn = jax.jit(signals.top_k_fn(t_def, c.capture.top_k, vocab, lc.chunk_size, lc.chunk_budget),
+               in_shardings=(t_sh, b_sh))
   batch = {k: jax.ShapeDtypeStruct((c.data.batch_size, c.data.seq_len), jnp.int32, sharding=b_sh[k]) for k in keys}
   args = (ckpt_lib.abstract_like(nnx.to_pure_dict(t_state), t_sh), batch)
   hosts = len({d.process_index for d in devices})

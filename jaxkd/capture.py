@@ -86,7 +86,7 @@ def capture(c) -> int:
   t_def, t_state = nnx.split(teacher)
   params = nnx.to_pure_dict(t_state)
   keys = ("input_ids", "segment_ids", "positions")
-  topk = jax.jit(signals.top_k_fn(t_def, c.capture.top_k, vocab, c.distill.chunk_size),
+  topk = jax.jit(signals.top_k_fn(t_def, c.capture.top_k, vocab, lc.chunk_size, lc.chunk_budget),
                  in_shardings=(shd.module_shardings(mesh, teacher), shd.batch_shardings(mesh, keys)))
   per_shard = c.capture.shard_batches
   shards = -(-batches // per_shard)

@@ -72,7 +72,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.missing_mass = "bucket"
   c.distill.vocab_size = ml_collections.FieldReference(None, field_type=int)  # default: the tokenizer's size
   c.distill.fused = True  # chunked loss that never builds [tokens, vocab] logits
-  c.distill.chunk_size = 1024
+  # Tokens per chunk of the fused loss (and of the capture's top-k); 0: as many as keep a chunk's float32 logits and
+  # gradients near chunk_budget_mib on each device, whatever the vocabulary (fused_loss.chunk_for: 256 tokens at
+  # Qwen2's 151,936 columns, 1,280 at 32,000).
+  c.distill.chunk_size = 0
+  c.distill.chunk_budget_mib = 1024
   # Hidden-state distillation: loss = hidden.weight * hidden + alpha * KD + (1 - alpha) * CE. With
   # distill.kind = "hidden" there is no logit term (the only choice when the tokenizers differ).
   c.distill.hidden = ml_collections.ConfigDict()
@@ -93,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.on_policy.top_p = 1.0
   c.distill.on_policy.top_k = 0  # 0: all tokens
   c.distill.on_policy.prompts_per_row = 1  # conversations of each packed row completed (the first ones)
+  # Steps up to this one are all on the dataset: a random student's samples teach little, and GKD starts from a
+  # fine-tuned student (scripts/kd_vs_sft.py: on_policy_kd_late).
+  c.distill.on_policy.start_step = 0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-4
@@ -332,7 +339,8 @@ def validate(c) -> None:
        "must be in [0, 1] (the final learning rate over optimizer.lr)")
   for key in ("optimizer.b1", "optimizer.b2"):
     need(0.0 <= _get(c, key) < 1.0, key, "must be in [0, 1) (Adam's moment decay)")
-  need(c.distill.chunk_size >= 1, "distill.chunk_size", "must be >= 1")
+  need(c.distill.chunk_size >= 0, "distill.chunk_size", "must be >= 0 (0: from distill.chunk_budget_mib)")
+  need(c.distill.chunk_budget_mib > 0, "distill.chunk_budget_mib", "must be > 0 (MiB a chunk may take on a device)")
   need(c.optimizer.micro_batches >= 1, "optimizer.micro_batches", "must be >= 1")
   need(c.data.batch_size % c.optimizer.micro_batches == 0, "data.batch_size",
        f"must be divisible by optimizer.micro_batches={c.optimizer.micro_batches}")
@@ -363,6 +371,7 @@ def _check_on_policy(c, need) -> None:
   need(0.0 < o.top_p <= 1.0, "distill.on_policy.top_p", "must be in (0, 1] (1 = no nucleus cut)")
   need(o.top_k >= 0, "distill.on_policy.top_k", "must be >= 0 (0 = all tokens)")
   need(o.prompts_per_row >= 1, "distill.on_policy.prompts_per_row", "must be >= 1")
+  need(o.start_step >= 0, "distill.on_policy.start_step", "must be >= 0 (steps before on-policy ones may come)")
 
 
 def _get(c, dotted: str):

@@ -108,6 +108,26 @@ def _vocab_shards(width):
   return size if width % size == 0 else 1
 
 
+# About this many float32 [chunk, width] arrays of a chunk are alive at once (logits of both models, the softmaxes,
+# the gradient): compiled at Qwen2's 151,936 columns (scripts/bench_loss_memory.py, BENCHMARKS.md), going from 1024
+# to 2048 tokens a chunk adds 5.8 of them, from 512 to 1024 7.0.
+LIVE_CHUNK_ARRAYS = 6
+# What one chunk may take on a device, by default (config.distill.chunk_budget_mib).
+CHUNK_BUDGET_BYTES = 1 << 30
+
+
+def chunk_for(width: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+  """Tokens a chunk of `width`-column logits takes so that each device's share of its float32 arrays fills about
+  `budget_bytes`, under the active mesh: a device holds width / (vocab shards) columns of chunk / (token shards)
+  rows. Each device's rows are a multiple of 128 (of 8 below 128: a TPU tile), at least 8."""
+  vocab_shards = _vocab_shards(width)
+  rows = max(1, int(budget_bytes) // (LIVE_CHUNK_ARRAYS * 4 * (width // vocab_shards)))
+  rows = rows // 128 * 128 if rows >= 128 else max(8, rows // 8 * 8)
+  token_shards = int(np.prod([size for name, size in _auto_mesh_axes().items() if name in _TOKEN_AXES],
+                             dtype=np.int64))
+  return rows * token_shards
+
+
 def _token_axes(chunk):
   """The active mesh's token axes (those of `act_batch`) that split a chunk's tokens, and their size.
 
@@ -374,8 +394,8 @@ def _check_hidden_and_head(hidden, head, who):
 
 
 def _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_head, *, alpha, kind, temperature, beta,
-           skew, vocab_size, teacher_top_k, chunk_size, teacher_indices=None, teacher_logprobs=None,
-           missing="bucket"):
+           skew, vocab_size, teacher_top_k, chunk_size, chunk_budget=CHUNK_BUDGET_BYTES, teacher_indices=None,
+           teacher_logprobs=None, missing="bucket"):
   """Validate, pick the static spec and call the custom-VJP core."""
   _check_mesh_axes()
   h_s_NxDs = jnp.asarray(student_hidden)
@@ -440,10 +460,13 @@ def _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_h
   mask_N = _check_mask(mask, (n,))
   keep_N = jnp.ones((n,), bool) if mask_N is None else mask_N.astype(bool)
 
+  if chunk_size is None:
+    chunk_size = chunk_for(width, chunk_budget)
   is_int = isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool)
   if not is_int or chunk_size < 1:
     raise ValueError(
-        f"chunk_size must be a positive int, got {chunk_size!r}; it fixes the chunk shape, so it cannot be traced.")
+        f"chunk_size must be a positive int (or None: from chunk_budget), got {chunk_size!r}; it fixes the chunk "
+        "shape, so it cannot be traced.")
   chunk = max(1, min(int(chunk_size), n))
   n_chunks = max(1, -(-n // chunk))
 
@@ -461,7 +484,8 @@ def _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_h
 
 def fused_distill_sums(student_hidden, student_head, labels, mask=None, teacher_hidden=None, teacher_head=None, *,
                        alpha, kind: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
-                       vocab_size: Optional[int] = None, teacher_top_k: Optional[int] = None, chunk_size: int = 1024,
+                       vocab_size: Optional[int] = None, teacher_top_k: Optional[int] = None,
+                       chunk_size: Optional[int] = None, chunk_budget: int = CHUNK_BUDGET_BYTES,
                        teacher_indices=None, teacher_logprobs=None, missing: str = "bucket"):
   """KD + CE loss *sums* from hidden states, never building [N, V] logits.
 
@@ -492,9 +516,10 @@ def fused_distill_sums(student_hidden, student_head, labels, mask=None, teacher_
     kind, temperature, beta, skew, vocab_size, teacher_top_k: as `kd_loss`. Python numbers or traced scalars; no
       gradient flows to them.
     chunk_size: tokens per chunk (static). Temporary memory grows with chunk_size * V (about 6 float32 [chunk, V] arrays
-      plus d(head) [Ds, V] in float32), matmul efficiency too; 1024 keeps a Qwen2-sized loss at 1/8 of the unfused one's
-      memory (scripts/bench_loss_memory.py). Under a mesh the chunk's rows are split over the token axes, so each device
-      works on chunk_size / (their size) rows: scale it up with them.
+      plus d(head) [Ds, V] in float32), matmul efficiency too (scripts/bench_loss_memory.py). Under a mesh the chunk's
+      rows are split over the token axes, so each device works on chunk_size / (their size) rows. None: `chunk_for`
+      the heads' width and `chunk_budget` bytes, so that the chunk's temporaries stay near that size on each device
+      whatever the vocabulary and the token count.
 
   Returns:
     `(weighted_sum, aux)`: a float32 scalar, differentiable in the student's hidden states and head, and a dict of
@@ -507,13 +532,13 @@ def fused_distill_sums(student_hidden, student_head, labels, mask=None, teacher_
     raise ValueError("fused_distill_sums needs labels for its CE term; for KD alone use fused_kd_loss.")
   return _fused(student_hidden, student_head, labels, mask, teacher_hidden, teacher_head, alpha=alpha, kind=kind,
                 temperature=temperature, beta=beta, skew=skew, vocab_size=vocab_size, teacher_top_k=teacher_top_k,
-                chunk_size=chunk_size, teacher_indices=teacher_indices, teacher_logprobs=teacher_logprobs,
-                missing=missing)
+                chunk_size=chunk_size, chunk_budget=chunk_budget, teacher_indices=teacher_indices,
+                teacher_logprobs=teacher_logprobs, missing=missing)
 
 
 def fused_kd_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, *, kind: str = "forward_kl",
                   temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1, vocab_size: Optional[int] = None,
-                  teacher_top_k: Optional[int] = None, chunk_size: int = 1024):
+                  teacher_top_k: Optional[int] = None, chunk_size: Optional[int] = None):
   """`kd_loss(student_hidden @ student_head, teacher_hidden @ teacher_head, mask, ...)` computed chunk by chunk,
   without [N, V] logits (see `fused_distill_sums`).
 
@@ -528,7 +553,7 @@ def fused_kd_loss(student_hidden, student_head, teacher_hidden, teacher_head, ma
 
 
 def fused_cross_entropy_loss(hidden, head, labels, mask=None, *, vocab_size: Optional[int] = None,
-                             chunk_size: int = 1024):
+                             chunk_size: Optional[int] = None):
   """`cross_entropy_loss(hidden @ head, labels, mask, vocab_size=...)` computed chunk by chunk, without [N, V] logits
   (see `fused_distill_sums`)."""
   weighted, aux = fused_distill_sums(hidden, head, labels, mask, alpha=0.0, vocab_size=vocab_size,

@@ -1,8 +1,8 @@
 """On-policy distillation (GKD, Agarwal et al. 2024): the student writes completions of the batch's prompts and
 is trained to match the teacher on its own tokens; with `seq_kd` the teacher writes them (sequence-level KD).
 
-On a step chosen for it (`chosen`, a share `distill.on_policy.fraction` of the steps, the same on every process
-and on every rerun), the jitted step
+On a step chosen for it (`chosen`, a share `distill.on_policy.fraction` of the steps after `start_step`, the same
+on every process and on every rerun), the jitted step
   1. cuts each row's first `prompts_per_row` conversations at their first trained token (`prompts`: the turns
      before an assistant reply and the reply's header, left-padded to P = seq_len - max_new_tokens tokens);
   2. samples up to `max_new_tokens` tokens after each prompt from the current student (or the teacher) through
@@ -56,10 +56,10 @@ def settings(c, *, eos_ids, vocab_size: int) -> Rollout | None:
                  eos_ids=tuple(sorted(int(i) for i in eos_ids)), vocab_size=int(vocab_size), seq_kd=bool(o.seq_kd))
 
 
-def chosen(seed: int, step: int, fraction: float) -> bool:
-  """Whether step `step` (1-based) trains on sampled completions: a draw from (seed, step) alone, so every process
-  and every rerun of the run agrees."""
-  if fraction <= 0:
+def chosen(seed: int, step: int, fraction: float, start_step: int = 0) -> bool:
+  """Whether step `step` (1-based) trains on sampled completions: none up to `start_step`, then a draw from (seed,
+  step) alone, so every process and every rerun of the run agrees."""
+  if fraction <= 0 or step <= start_step:
     return False
   return fraction >= 1 or float(np.random.default_rng([int(seed), int(step), 0x6B64]).random()) < fraction
 

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxkd import fused_loss
+
 
 @flax.struct.dataclass
 class TeacherSignal:
@@ -77,10 +79,10 @@ def online(teacher_def) -> OnlineTeacher | None:
   return OnlineTeacher(teacher_def) if teacher_def is not None else None
 
 
-def top_k_fn(teacher_def, k: int, vocab: int, chunk: int):
+def top_k_fn(teacher_def, k: int, vocab: int, chunk: int, budget: int = fused_loss.CHUNK_BUDGET_BYTES):
   """(teacher params, batch) -> the teacher's top-k (indices, log-probs) [B, T, k] at temperature 1 over the first
-  `vocab` columns, `chunk` tokens at a time so that no [tokens, vocab] array exists: what `python -m jaxkd.capture`
-  stores for a `CachedTeacher` to read back."""
+  `vocab` columns, `chunk` tokens at a time (0: `fused_loss.chunk_for` the head and `budget` bytes) so that no
+  [tokens, vocab] array exists: what `python -m jaxkd.capture` stores for a `CachedTeacher` to read back."""
   def topk(params, batch):
     teacher = nnx.merge(teacher_def, params)
     out = teacher.forward(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
@@ -88,7 +90,7 @@ def top_k_fn(teacher_def, k: int, vocab: int, chunk: int):
     b, t, d = out.last_hidden.shape
     h_NxD = out.last_hidden.reshape(-1, d)
     n = h_NxD.shape[0]
-    c = min(chunk, n)
+    c = min(chunk or fused_loss.chunk_for(teacher.cfg.vocab_size, budget), n)
     pad = -n % c
     h_GxCxD = jnp.pad(h_NxD, ((0, pad), (0, 0))).reshape(-1, c, d)
     head_DxV = teacher.head_kernel()

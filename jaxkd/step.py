@@ -45,7 +45,8 @@ class LossConfig:
   skew: float
   teacher_top_k: int | None
   fused: bool
-  chunk_size: int
+  chunk_size: int  # 0: from chunk_budget (fused_loss.chunk_for)
+  chunk_budget: int  # bytes
   micro_batches: int
   hidden_weight: float
   hidden_loss: str
@@ -85,6 +86,7 @@ def loss_config(c, *, vocab_size: int | None = None, layer_pairs=(), cross_token
   return LossConfig(
       alpha=float(d.alpha), kind=d.kind, temperature=float(d.temperature), beta=float(d.beta), skew=float(d.skew),
       teacher_top_k=d.teacher_top_k, fused=bool(d.fused), chunk_size=int(d.chunk_size),
+      chunk_budget=int(d.chunk_budget_mib * 2**20),
       micro_batches=int(c.optimizer.micro_batches), hidden_weight=float(d.hidden.weight), hidden_loss=d.hidden.loss,
       hidden_layer_norm=bool(d.hidden.layer_norm), vocab_size=vocab_size, layer_pairs=tuple(map(tuple, layer_pairs)),
       cross_tokenizer=bool(cross_tokenizer), cached=bool(c.teacher.cache), missing_mass=d.missing_mass)
@@ -150,7 +152,8 @@ def objective(student, projector, signal: signals.TeacherSignal | None, batch: d
       loss_kw.update(teacher_indices=signal.indices_NxK, teacher_logprobs=signal.logprobs_NxK,
                      missing=lc.missing_mass)
     token_sum, aux = fused_loss.fused_distill_sums(s_hidden_NxD, student.head_kernel(), labels_N, mask_N,
-                                                    t_hidden_NxD, t_head, chunk_size=lc.chunk_size, **loss_kw)
+                                                    t_hidden_NxD, t_head, chunk_size=lc.chunk_size or None,
+                                                    chunk_budget=lc.chunk_budget, **loss_kw)
   else:
     if cached:
       loss_kw.update(t_indices_NxK=signal.indices_NxK, t_logprobs_NxK=signal.logprobs_NxK, missing=lc.missing_mass)

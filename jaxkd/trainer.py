@@ -237,7 +237,8 @@ class Run:
 
   def _step_fn(self, step: int):
     """The compiled step that runs step `step`: on-policy on the share distill.on_policy.fraction of the steps."""
-    if on_policy.chosen(self.config.seed, step, self.config.distill.on_policy.fraction):
+    o = self.config.distill.on_policy
+    if on_policy.chosen(self.config.seed, step, o.fraction, o.start_step):
       return self.program.on_policy_step
     return self.program.train_step
 

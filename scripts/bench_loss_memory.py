@@ -22,6 +22,11 @@ over-counts). Both are cross-checked against the matmul FLOPs counted by hand,
 
     python scripts/bench_loss_memory.py                      # defaults below
     python scripts/bench_loss_memory.py --chunk_size 512,1024,2048,4096 --tokens 8192
+    python scripts/bench_loss_memory.py --chunk_size 0,128,256,512,1024,2048 --tokens 2048 \
+        --student_width 256 --teacher_width 512 --dtype float32 --time 3   # and runs each: ms a call
+
+Chunk 0 is the default: `fused_loss.chunk_for` the heads' width and the 1 GiB budget (its size is printed).
+With --time R the compiled fused loss also runs R times on random inputs after a warm-up (the median is printed).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxkd.fused_loss import fused_distill_sums
+from jaxkd.fused_loss import chunk_for, fused_distill_sums
 from jaxkd.losses import cross_entropy_loss, kd_loss
 
 GIB = 2**30
@@ -56,6 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--kind", default="forward_kl")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--time", type=int, default=0, help="also run the fused loss this many times (0: compile only)")
     return parser.parse_args(argv)
 
 
@@ -79,7 +85,8 @@ def losses(args):
 
 
 def compile_stats(loss, n, args):
-    """(temp bytes, flops as counted by XLA, compile seconds) of value_and_grad(loss)."""
+    """(temp bytes, flops as counted by XLA, compile seconds, median run seconds or None) of
+    value_and_grad(loss)."""
     dtype = jnp.dtype(args.dtype)
     S = jax.ShapeDtypeStruct
     shapes = (S((n, args.student_width), dtype), S((args.student_width, args.vocab), dtype),
@@ -90,7 +97,20 @@ def compile_stats(loss, n, args):
     seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
-    return compiled.memory_analysis().temp_size_in_bytes, float(cost["flops"]), seconds
+    run_s = None
+    if args.time:
+        keys = jax.random.split(jax.random.key(0), 4)
+        args_in = [jax.random.normal(k, s.shape, s.dtype) * (0.05 if i % 2 else 1.0)
+                   for i, (k, s) in enumerate(zip(keys, shapes[:4]))]
+        args_in += [jax.random.randint(keys[0], (n,), 0, args.vocab_size or args.vocab), jnp.ones((n,), bool)]
+        jax.block_until_ready(compiled(*args_in))
+        times = []
+        for _ in range(args.time):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args_in))
+            times.append(time.perf_counter() - start)
+        run_s = sorted(times)[len(times) // 2]
+    return compiled.memory_analysis().temp_size_in_bytes, float(cost["flops"]), seconds, run_s
 
 
 def matmul_flops(n, args):
@@ -109,24 +129,32 @@ def main(argv=None):
     rows, naive_stats, fused_temp = [], {}, {}
     one_chunk = {}
     for n in args.tokens:
-        naive_stats[n] = compile_stats(naive, n, args)
-        for chunk in args.chunk_size:
+        naive_stats[n] = compile_stats(naive, n, args) if not args.time else (None,) * 4
+        for asked in args.chunk_size:
+            chunk = asked or chunk_for(args.vocab)  # 0: the default, from the budget
             loss = lambda *a, chunk=chunk: fused(*a, chunk_size=chunk)  # noqa: E731
             if chunk not in one_chunk:
-                one_chunk[chunk] = compile_stats(loss, chunk, args)[1]
-            temp, flops_raw, seconds = compile_stats(loss, n, args)
+                one_chunk[chunk] = compile_stats(loss, chunk, args)[1] if not args.time else 0.0
+            temp, flops_raw, seconds, run_s = compile_stats(loss, n, args)
             trips = -(-n // chunk)
             flops = flops_raw + (trips - 1) * one_chunk[chunk]
-            fused_temp[n, chunk] = temp
-            rows.append((n, chunk, trips, temp, flops_raw, flops, seconds))
+            fused_temp[n, asked] = temp
+            rows.append((n, asked, f"{min(chunk, n)} (default)" if not asked else str(chunk), trips, temp, flops_raw, flops,
+                         seconds, run_s))
 
     print()
+    if args.time:  # runs the fused loss only: the naive one's [N, V] logits are what it avoids
+        print("| tokens | chunk | trips | fused temp GiB | fused ms a call (fwd + bwd, median) | compile s |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for n, _, chunk, trips, temp, _, _, seconds, run_s in rows:
+            print(f"| {n:,} | {chunk} | {trips} | {temp / GIB:.2f} | {run_s * 1e3:.0f} | {seconds:.1f} |")
+        return
     print("| tokens | chunk | trips | naive temp GiB | fused temp GiB | fused / naive | naive TFLOP "
           "| fused TFLOP (XLA raw) | fused TFLOP (x trips) | matmul TFLOP (by hand) | extra FLOPs "
           "| compile s naive / fused |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, chunk, trips, temp, flops_raw, flops, seconds in rows:
-        naive_temp, naive_flops, naive_s = naive_stats[n]
+    for n, _, chunk, trips, temp, flops_raw, flops, seconds, _ in rows:
+        naive_temp, naive_flops, naive_s, _ = naive_stats[n]
         print(f"| {n:,} | {chunk} | {trips} | {naive_temp / GIB:.2f} | {temp / GIB:.2f} "
               f"| {temp / naive_temp:.3f} | {naive_flops / 1e12:.2f} | {flops_raw / 1e12:.2f} "
               f"| {flops / 1e12:.2f} | {matmul_flops(n, args) / 1e12:.2f} "
@@ -137,11 +165,11 @@ def main(argv=None):
     for chunk in args.chunk_size:
         n0 = lo
         ratio = fused_temp[n0, chunk] / naive_stats[n0][0]
-        line = f"chunk {chunk}: fused/naive temp at {n0:,} tokens = {ratio:.3f} (target <= 0.25)"
+        line = f"chunk {chunk or 'default'}: fused/naive temp at {n0:,} tokens = {ratio:.3f} (target <= 0.25)"
         if hi != lo:
             growth = fused_temp[hi, chunk] / fused_temp[lo, chunk]
             line += f"; fused temp growth {lo:,} -> {hi:,} = {growth:.3f}x (target <= 1.25)"
-        extra = max(f / naive_stats[n][1] - 1 for n, c, _, _, _, f, _ in rows if c == chunk)
+        extra = max(f / naive_stats[n][1] - 1 for n, asked, _, _, _, _, f, _, _ in rows if asked == chunk)
         line += f"; extra FLOPs at most {100 * extra:+.2f}% (target <= 5%)"
         print(line)
 

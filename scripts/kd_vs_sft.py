@@ -14,6 +14,8 @@ steps are trained against the bundled trained teacher (tiny:teacher-trained):
   on_policy_kd   logit_kd, but half the steps (distill.on_policy.fraction = 0.5, GKD's lambda) train on the
                  student's own completions of the batch's prompts (temperature 0.9, up to 64 tokens), scored by
                  the teacher (forward KL, the divergence alone on those steps)
+  on_policy_kd_late  the same, but the first half of the steps all logit_kd's (distill.on_policy.start_step):
+                 on-policy from a student that already writes answers, as GKD starts from a fine-tuned one
 and evaluated on the held-out rows: held-out loss and token accuracy, and the share of the held-out questions whose
 answer can be checked (`python -m jaxkd.eval --task answers`: arithmetic, synonyms, lists, tool calls) the student
 answers right greedily, at `--answer_points` checkpoints evenly spaced over the run (the curve) and at the end. Writes `report.json` ({"teacher": ..., "sft": ..., "logit_kd": ...,
@@ -48,6 +50,8 @@ MODES = {
                    "capture.top_k": 64},
     "on_policy_kd": {"distill.alpha": 0.5, "distill.temperature": 1.0, "distill.kind": "forward_kl",
                      "distill.on_policy.fraction": 0.5},
+    "on_policy_kd_late": {"distill.alpha": 0.5, "distill.temperature": 1.0, "distill.kind": "forward_kl",
+                          "distill.on_policy.fraction": 0.5},  # and start_step: half the run (set in main)
 }
 
 
@@ -92,6 +96,8 @@ def main():
           sys.exit("the capture was stopped (SIGTERM); rerun to continue it")
         extra["capture_seconds"] = time.time() - t0
         overrides = {**overrides, "teacher.cache": cache_dir}
+      if mode == "on_policy_kd_late":
+        overrides = {**overrides, "distill.on_policy.start_step": args.steps // 2}
       cfg = make_config(wd, seed, args.steps, overrides, args.answer_points)
       summary = trainer.run(cfg)
       extra["answers_curve"] = _answers_curve(cfg, args.answers_limit or None)
@@ -123,7 +129,8 @@ def main():
       report[f"{mode}_beats_sft_every_seed"] = not behind[mode]
   # The goal in answers: on-policy KD over logit KD over SFT (each seed's final share right).
   answer_verdicts = []
-  for better, worse in (("logit_kd", "sft"), ("on_policy_kd", "logit_kd"), ("on_policy_kd", "sft")):
+  for better, worse in (("logit_kd", "sft"), ("on_policy_kd", "logit_kd"), ("on_policy_kd", "sft"),
+                        ("on_policy_kd_late", "logit_kd"), ("on_policy_kd_late", "sft")):
     if better in runs and worse in runs:
       won = [s for s in seeds if runs[better][s]["answers"] > runs[worse][s]["answers"]]
       report[f"{better}_answers_more_than_{worse}_seeds"] = won
@@ -184,7 +191,7 @@ def _plot(workdir, runs, reporting, teacher):
 
   fig, (ax_train, ax_eval, ax_gain, ax_answers) = plt.subplots(1, 4, figsize=(21, 4))
   colors = {"sft": "tab:gray", "logit_kd": "tab:blue", "hidden_kd": "tab:orange", "logit_kd_tau2": "tab:cyan",
-            "offline_kd": "tab:purple", "on_policy_kd": "tab:red"}
+            "offline_kd": "tab:purple", "on_policy_kd": "tab:red", "on_policy_kd_late": "tab:brown"}
   metrics = {mode: {seed: reporting.read_metrics(r["workdir"]) for seed, r in per_seed.items()}
              for mode, per_seed in runs.items()}  # (train rows, eval rows) of each run
   evals = {mode: {seed: m[1] for seed, m in per_seed.items()} for mode, per_seed in metrics.items()}

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from jaxkd import fused_loss
 from jaxkd.fused_loss import (
     fused_cross_entropy_loss,
     fused_distill_sums,
@@ -445,6 +446,38 @@ def test_compiled_temporary_memory_is_small_and_flat_in_tokens():
     assert naive_4k > 2 * 4096 * v * 4
     assert fused_4k <= naive_4k / 4, (fused_4k, naive_4k)
     assert fused_16k <= 1.25 * fused_4k, (fused_16k, fused_4k)
+
+
+def test_default_chunk_keeps_temporaries_under_the_budget_whatever_the_vocabulary_and_tokens():
+    """chunk_size=None takes `chunk_for` the heads' width and the byte budget: the compiled loss's temporaries, less
+    what does not depend on the chunk (the heads' float32 gradient and the hidden states'), stay under the budget
+    from 4k to 64k columns and from 2k to 16k tokens, where a fixed chunk of 1024 tokens takes 10 times it at 64k
+    columns. (How much of the budget is used depends on how many [chunk, V] arrays XLA keeps alive: about 6 at
+    Qwen2's shapes in bfloat16, `LIVE_CHUNK_ARRAYS`, fewer at these small float32 ones; BENCHMARKS.md has Qwen2's.)"""
+    d, budget = 16, 32 * 2**20
+    S = jax.ShapeDtypeStruct
+
+    def temp(n, v, chunk_size):
+        def fused(h_s, w_s, h_t, w_t, labels, mask):
+            return fused_distill_sums(h_s, w_s, labels, mask, h_t, w_t, alpha=0.5, chunk_size=chunk_size,
+                                      chunk_budget=budget)[0]
+        shapes = (S((n, d), jnp.float32), S((d, v), jnp.float32), S((n, d), jnp.float32), S((d, v), jnp.float32),
+                  S((n,), jnp.int32), S((n,), jnp.bool_))
+        return _temp_bytes(fused, *shapes) - 4 * (2 * d * v + 2 * n * d)  # d(head) and its float32 copy, d(hidden)
+
+    assert [fused_loss.chunk_for(v, budget) for v in (4096, 16384, 65536)] == [256, 80, 16]  # 341, 85, 21 rounded
+    got = [temp(n, v, None) for v in (4096, 16384, 65536) for n in (2048, 16384)]
+    assert all(t <= budget for t in got), [t / budget for t in got]
+    assert temp(2048, 65536, 1024) > 10 * budget  # the check bites
+
+
+def test_default_chunk_scales_with_the_token_shards_and_splits_the_vocabulary_ways():
+    """Under a (data 2, fsdp 2, tensor 2) mesh each device holds a quarter of the chunk's tokens and half its
+    columns: the chunk is 8 times as long for the same bytes on a device."""
+    alone = fused_loss.chunk_for(65536, 2**26)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh):
+        assert fused_loss.chunk_for(65536, 2**26) == 8 * alone
 
 
 # ---------------------------------------------------------------------------
