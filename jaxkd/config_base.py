@@ -92,7 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.on_policy = ml_collections.ConfigDict()
   c.distill.on_policy.fraction = 0.0  # lambda: the share of steps on sampled completions; 0: off
   c.distill.on_policy.seq_kd = False  # the teacher writes the completions (sequence-level KD), with alpha's mix
-  c.distill.on_policy.max_new_tokens = 128  # N; prompts keep their last data.seq_len - N tokens
+  # N; prompts keep their last data.seq_len - N tokens. 0: TRL's 128, at most half of data.seq_len.
+  c.distill.on_policy.max_new_tokens = 0
   c.distill.on_policy.temperature = 0.9  # 0: greedy
   c.distill.on_policy.top_p = 1.0
   c.distill.on_policy.top_k = 0  # 0: all tokens
@@ -191,7 +192,6 @@ def tiny_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.eval_batches = 4
   c.data.seq_len = 128
   c.data.batch_size = 8
-  c.distill.on_policy.max_new_tokens = 64  # the bundled chats' answers are shorter; prompts keep 64 tokens
   return c
 
 
@@ -364,9 +364,9 @@ def _check_on_policy(c, need) -> None:
        "holds the teacher's log-probs on the dataset's tokens only; on-policy distillation scores tokens the "
        "student samples during training, so it needs the teacher model: set teacher.path and teacher.cache=\"\" "
        "(or distill.on_policy.fraction=0)")
-  need(1 <= o.max_new_tokens < c.data.seq_len, "distill.on_policy.max_new_tokens",
-       f"must be in [1, data.seq_len={c.data.seq_len}): a sampled row holds the prompt's last seq_len - "
-       "max_new_tokens tokens and the completion")
+  need(0 <= o.max_new_tokens < c.data.seq_len, "distill.on_policy.max_new_tokens",
+       f"must be in [0, data.seq_len={c.data.seq_len}) (0: min(128, seq_len / 2)): a sampled row holds the "
+       "prompt's last seq_len - max_new_tokens tokens and the completion")
   need(o.temperature >= 0, "distill.on_policy.temperature", "must be >= 0 (0 = greedy)")
   need(0.0 < o.top_p <= 1.0, "distill.on_policy.top_p", "must be in (0, 1] (1 = no nucleus cut)")
   need(o.top_k >= 0, "distill.on_policy.top_k", "must be >= 0 (0 = all tokens)")

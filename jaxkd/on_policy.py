@@ -50,7 +50,8 @@ def settings(c, *, eos_ids, vocab_size: int) -> Rollout | None:
   o = c.distill.on_policy
   if not o.fraction:
     return None
-  return Rollout(max_new_tokens=int(o.max_new_tokens), prompt_len=int(c.data.seq_len) - int(o.max_new_tokens),
+  new = int(o.max_new_tokens) or min(128, int(c.data.seq_len) // 2)
+  return Rollout(max_new_tokens=new, prompt_len=int(c.data.seq_len) - new,
                  prompts_per_row=int(o.prompts_per_row), temperature=float(o.temperature),
                  top_p=float(o.top_p) if o.top_p < 1.0 else None, top_k=int(o.top_k) or None,
                  eos_ids=tuple(sorted(int(i) for i in eos_ids)), vocab_size=int(vocab_size), seq_kd=bool(o.seq_kd))

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from flax import traverse_util
 
-from jaxkd import distributed
+from jaxkd import config_base, distributed
 from jaxkd.config_base import ConfigError
 
 log = logging.getLogger("jaxkd")
@@ -46,12 +46,15 @@ def run_identity(cfg: dict, *, with_steps: bool) -> dict:
 
 
 def config_diff(stored: dict, current: dict) -> list[tuple[str, Any, Any]]:
-  """[(key, stored value, current value)] of the identity settings that differ."""
+  """[(key, stored value, current value)] of the identity settings that differ. A setting the stored run's jaxkd
+  did not have yet (added since) is the same when it holds its default, which keeps what that jaxkd did."""
   decays = lambda cfg: cfg.get("optimizer", {}).get("schedule", "cosine") != "constant"
   with_steps = decays(stored) or decays(current)
   a, b = run_identity(stored, with_steps=with_steps), run_identity(current, with_steps=with_steps)
   same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)
-  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if not same(a.get(k), b.get(k))]
+  defaults = run_identity(config_dict(config_base.base_config()), with_steps=True)
+  added = {k for k in set(b) - set(a) if k in defaults and same(b[k], defaults[k])}
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in added and not same(a.get(k), b.get(k))]
 
 
 def stored_config(workdir: str, ckpt) -> tuple[dict, str] | None:

@@ -196,6 +196,16 @@ def test_steps_below_the_newest_checkpoint_are_refused(tmp_path):
     trainer.Run(load_config(workdir=workdir, **dict(constant, steps=1)))
 
 
+def test_a_run_of_an_older_jaxkd_resumes_when_the_settings_added_since_hold_their_defaults():
+  """A workdir's config.json from before a setting existed (here distill.on_policy and distill.chunk_budget_mib)
+  is the same run when the new settings hold their defaults, which keep what the older jaxkd did; not otherwise."""
+  older = workdir_lib.config_dict(load_config())
+  del older["distill"]["on_policy"], older["distill"]["chunk_budget_mib"]
+  assert workdir_lib.config_diff(older, workdir_lib.config_dict(load_config())) == []
+  on = workdir_lib.config_dict(load_config(**{"distill.on_policy.fraction": 0.5}))
+  assert workdir_lib.config_diff(older, on) == [("distill.on_policy.fraction", None, 0.5)]
+
+
 def test_constant_schedule_runs_may_be_extended():
   stored = workdir_lib.config_dict(load_config(**{"optimizer.schedule": "constant", "steps": 2}))
   longer = workdir_lib.config_dict(load_config(**{"optimizer.schedule": "constant", "steps": 4}))

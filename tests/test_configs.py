@@ -93,7 +93,7 @@ def test_bad_config_values_name_the_key(key, value, match):
     ({"distill.on_policy.fraction": 0.5, "distill.alpha": 0.0},
      r"config\.distill\.on_policy\.fraction=0\.5: .* needs logit distillation"),
     ({"distill.on_policy.fraction": 0.5, "distill.on_policy.max_new_tokens": 128},  # tiny configs' seq_len
-     r"config\.distill\.on_policy\.max_new_tokens=128: must be in \[1, data\.seq_len=128\)"),
+     r"config\.distill\.on_policy\.max_new_tokens=128: must be in \[0, data\.seq_len=128\)"),
     ({"distill.on_policy.fraction": 0.5, "distill.on_policy.top_p": 0.0},
      r"config\.distill\.on_policy\.top_p=0\.0: must be in \(0, 1\]"),
 ])
