@@ -42,6 +42,8 @@ def run_identity(cfg: dict, *, with_steps: bool) -> dict:
           if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in NOT_IDENTITY)}
   if not with_steps:
     flat.pop("steps", None)
+  if not flat.get("distill.on_policy.fraction"):  # no step samples: how it would sample changes nothing
+    flat = {k: v for k, v in flat.items() if not k.startswith("distill.on_policy.") or k.endswith(".fraction")}
   return flat
 
 
@@ -52,7 +54,7 @@ def config_diff(stored: dict, current: dict) -> list[tuple[str, Any, Any]]:
   with_steps = decays(stored) or decays(current)
   a, b = run_identity(stored, with_steps=with_steps), run_identity(current, with_steps=with_steps)
   same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)
-  defaults = run_identity(config_dict(config_base.base_config()), with_steps=True)
+  defaults = traverse_util.flatten_dict(config_dict(config_base.base_config()), sep=".")
   added = {k for k in set(b) - set(a) if k in defaults and same(b[k], defaults[k])}
   return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in added and not same(a.get(k), b.get(k))]
 

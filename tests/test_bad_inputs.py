@@ -204,6 +204,11 @@ def test_a_run_of_an_older_jaxkd_resumes_when_the_settings_added_since_hold_thei
   assert workdir_lib.config_diff(older, workdir_lib.config_dict(load_config())) == []
   on = workdir_lib.config_dict(load_config(**{"distill.on_policy.fraction": 0.5}))
   assert workdir_lib.config_diff(older, on) == [("distill.on_policy.fraction", None, 0.5)]
+  # With no on-policy step the other sampling settings change nothing: not part of the run's identity.
+  off = workdir_lib.config_dict(load_config(**{"distill.on_policy.max_new_tokens": 64}))
+  assert workdir_lib.config_diff(workdir_lib.config_dict(load_config()), off) == []
+  assert workdir_lib.config_diff(on, workdir_lib.config_dict(load_config(**{
+      "distill.on_policy.fraction": 0.5, "distill.on_policy.max_new_tokens": 64}))) != []
 
 
 def test_constant_schedule_runs_may_be_extended():
