@@ -18,8 +18,8 @@ A produced call is right for an expected one (BFCL's simple_function_checker) wh
 same; every argument the tool's JSON schema requires is present; none is unknown to the schema; each value
 has the schema's type (an integer passes where the schema says number; a bool is never a number) and equals
 the expected value once normalised: strings as BFCL's `standardize_string` (lower case, without spaces or
-any of , . / - _ * ^, single quotes as double), numbers as floats, in lists and objects at any depth (BFCL
-goes one level deep). An argument the expected call leaves out may be given only with the schema's default;
+any of , . / - _ * ^, single quotes as double), an integer equal to its float, in lists and objects at any
+depth (BFCL goes one level deep). An argument the expected call leaves out may be given only with the schema's default;
 an optional one the expected call sets may be left out unless the schema's default differs from it. Calls in
 one turn match in any order: a perfect bipartite matching of expected to produced calls (BFCL matches
 greedily, which can miss a matching that exists). BFCL's lists of several acceptable values per argument do
@@ -333,14 +333,12 @@ def _type_error(value: Any, spec: Mapping) -> bool:
 
 
 def _normal(value: Any) -> Any:
-  """A value in the form in which equal answers are equal: strings standardised, numbers as floats (a
-  schema's integer was enforced by the type check), bools tagged (True is not 1), lists and objects
+  """A value in the form in which equal answers are equal: strings standardised, bools tagged (Python's True
+  equals 1; an integer equals its float, as it should where the type check let it through), lists and objects
   member-wise."""
   kind = _kind(value)
   if kind == "string":
     return standardize_string(value)
-  if kind in ("integer", "number"):
-    return float(value)
   if kind == "boolean":
     return ("bool", value)
   if kind == "array":
