@@ -18,9 +18,14 @@ steps are trained against the bundled trained teacher (tiny:teacher-trained):
                  on-policy from a student that already writes answers, as GKD starts from a fine-tuned one
 and evaluated on the held-out rows: held-out loss and token accuracy, and the share of the held-out questions whose
 answer can be checked (`python -m jaxkd.eval --task answers`: arithmetic, synonyms, lists, tool calls) the student
-answers right greedily, at `--answer_points` checkpoints evenly spaced over the run (the curve) and at the end. Writes `report.json` ({"teacher": ..., "sft": ..., "logit_kd": ...,
-"hidden_kd": ..., "logit_kd_tau2": ...}, each with eval_loss, eval_accuracy and answers (the share right at the
-end) averaged over seeds, plus per-seed values and answer curves) and `curves.png` in the workdir.
+answers right greedily, at `--answer_points` checkpoints evenly spaced over the run (the curve) and at the end;
+and at the end, the share of the held-out tool chats' call turns whose calls are right (`python -m jaxkd.eval
+--task function_calling --chat_template chatml_bundled_tools`: the seed's experiment 4 in miniature, the
+Berkeley leaderboard's AST check of each call; the turns answered from a tool's result, where no call is
+expected, are reported per seed beside it). Writes `report.json` ({"teacher": ..., "sft": ..., "logit_kd": ...,
+"hidden_kd": ..., "logit_kd_tau2": ...}, each with eval_loss, eval_accuracy, answers (the share right at the
+end) and function_calls averaged over seeds, plus per-seed values, answer curves and function-calling
+categories) and `curves.png` in the workdir.
 
 The bundled chats answer each question with one phrasing drawn from a distribution (synonyms, list
 orders, story choices): a single label is one sample, the teacher's probabilities are the distribution.
@@ -70,7 +75,8 @@ def main():
   p.add_argument("--steps", type=int, default=150)
   p.add_argument("--modes", default=",".join(MODES), help="which of them to run (sft is always run)")
   p.add_argument("--answer_points", type=int, default=5, help="checkpoints whose answers are scored (the curve)")
-  p.add_argument("--answers_limit", type=int, default=0, help="score the first N held-out questions (0: all)")
+  p.add_argument("--answers_limit", type=int, default=0,
+                 help="score the first N held-out questions and the first N tool-chat turns (0: all)")
   args = p.parse_args()
   if importlib.util.find_spec("matplotlib") is None:  # now, not after minutes of training
     sys.exit("kd_vs_sft.py plots with matplotlib, which is not installed: pip install -e \".[scripts]\"")
@@ -100,15 +106,16 @@ def main():
         overrides = {**overrides, "distill.on_policy.start_step": args.steps // 2}
       cfg = make_config(wd, seed, args.steps, overrides, args.answer_points)
       summary = trainer.run(cfg)
-      extra["answers_curve"] = _answers_curve(cfg, args.answers_limit or None)
+      extra["answers_curve"], extra["function_calling"] = _held_out_answers(cfg, args.answers_limit or None)
       train_rows = reporting.read_metrics(wd)[0][1:]  # the first step compiles
       speeds = sorted(m["tokens_per_s"] for m in train_rows if "tokens_per_s" in m)
       runs[mode][seed] = {"eval_loss": summary["eval"]["loss"], "eval_accuracy": summary["eval"]["accuracy"],
                           "answers": extra["answers_curve"][-1]["accuracy"],
+                          "function_calls": extra["function_calling"]["calls"]["accuracy"],
                           "tokens_per_s": speeds[len(speeds) // 2] if speeds else None, "workdir": wd, **extra}
       print(f"{mode:>13} seed {seed}: held-out loss {summary['eval']['loss']:.4f}  "
             f"accuracy {summary['eval']['accuracy']:.4f}  answers right {runs[mode][seed]['answers']:.4f}  "
-            f"({time.time() - started:.0f}s)", flush=True)
+            f"calls right {runs[mode][seed]['function_calls']:.4f}  ({time.time() - started:.0f}s)", flush=True)
 
   heldout = _teacher_eval(args.workdir, tiny.resolve("tiny:teacher-trained"), args.answers_limit or None)
 
@@ -117,9 +124,10 @@ def main():
     losses = [r["eval_loss"] for r in per_seed.values()]
     accs = [r["eval_accuracy"] for r in per_seed.values()]
     right = [r["answers"] for r in per_seed.values()]
+    calls = [r["function_calls"] for r in per_seed.values()]
     speeds = [r["tokens_per_s"] for r in per_seed.values() if r["tokens_per_s"]]
     report[mode] = {"eval_loss": sum(losses) / len(losses), "eval_accuracy": sum(accs) / len(accs),
-                    "answers": sum(right) / len(right),
+                    "answers": sum(right) / len(right), "function_calls": sum(calls) / len(calls),
                     "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
                     "per_seed": {str(s): r for s, r in per_seed.items()}}
   behind = {}
@@ -136,6 +144,11 @@ def main():
       report[f"{better}_answers_more_than_{worse}_seeds"] = won
       answer_verdicts.append(f"{better} answers more held-out questions right than {worse} on "
                              f"{len(won)} of {len(seeds)} seed(s)")
+  if "logit_kd" in runs:  # the seed's experiment 4: does logit KD pass on the teacher's tool calling?
+    won = [s for s in seeds if runs["logit_kd"][s]["function_calls"] > runs["sft"][s]["function_calls"]]
+    report["logit_kd_calls_more_than_sft_seeds"] = won
+    answer_verdicts.append(f"logit_kd makes more held-out tool calls right than sft on {len(won)} of {len(seeds)} "
+                           "seed(s)")
   report["seconds"] = time.time() - started
   with open(os.path.join(args.workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
@@ -143,7 +156,7 @@ def main():
   for mode in ("teacher", *modes):
     r = report[mode]
     speed = f"  {r['tokens_per_s']:,.0f} trained tokens/s" if r.get("tokens_per_s") else ""
-    right = f"  answers right {r['answers']:.4f}" if "answers" in r else ""
+    right = f"  answers right {r['answers']:.4f}  calls right {r['function_calls']:.4f}"
     print(f"{mode:>13}: held-out loss {r['eval_loss']:.4f}  accuracy {r['eval_accuracy']:.4f}{right}{speed}")
   for mode, late in behind.items():
     name = {"logit_kd": "logit KD", "offline_kd": "offline logit KD"}[mode]
@@ -156,18 +169,30 @@ def main():
 
 
 def _teacher_eval(workdir, teacher_folder, limit):
-  """The teacher's held-out loss, accuracy and answers right, on the same held-out rows as the students."""
+  """The teacher's held-out loss, accuracy, answers right and calls right, on the same held-out rows as the
+  students."""
   from jaxkd import eval as eval_lib, trainer  # pylint: disable=import-outside-toplevel
   cfg = make_config(os.path.join(workdir, "teacher-eval"), 0, 1, {"distill.alpha": 0.0})
   cfg.student.path = teacher_folder
   out = trainer.Run(cfg).evaluate_loaded()
   right = eval_lib.answers_accuracy(teacher_folder, limit=limit)["accuracy"]
-  return {"eval_loss": out["loss"], "eval_accuracy": out["accuracy"], "answers": right}
+  calls = _function_calling(teacher_folder, None, limit)
+  return {"eval_loss": out["loss"], "eval_accuracy": out["accuracy"], "answers": right,
+          "function_calls": calls["calls"]["accuracy"], "function_calling": calls}
 
 
-def _answers_curve(cfg, limit):
-  """[{"step", "accuracy", "correct", "total"}] of the finished run of `cfg`: the share of the held-out questions
-  its student answers right greedily, at each checkpoint kept."""
+def _function_calling(model, tokenizer, limit):
+  """jaxkd.eval's function-calling scores (without the per-turn replies) on the bundled chats' held-out tool
+  chats, in the OpenAI layout under chatml_bundled_tools: the text the tiny models learnt them as."""
+  from jaxkd import eval as eval_lib  # pylint: disable=import-outside-toplevel
+  out = eval_lib.function_calling_accuracy(model, tokenizer, chat_template="chatml_bundled_tools", limit=limit)
+  return {k: v for k, v in out.items() if k != "turns"}
+
+
+def _held_out_answers(cfg, limit):
+  """([{"step", "accuracy", "correct", "total"}], function calling) of the finished run of `cfg`: the share of
+  the held-out questions its student answers right greedily, at each checkpoint kept, and the function-calling
+  scores of the last one."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
@@ -180,8 +205,9 @@ def _answers_curve(cfg, limit):
       student = nnx.merge(prog.student_def, state.params["student"])
       out = eval_lib.answers_accuracy(student, run.tokenizer, limit=limit)
       curve.append({"step": step, "accuracy": out["accuracy"], "correct": out["correct"], "total": out["total"]})
+    calls = _function_calling(student, run.tokenizer, limit)  # the last step's
   run.ckpt.close()
-  return curve
+  return curve, calls
 
 
 def _plot(workdir, runs, reporting, teacher):

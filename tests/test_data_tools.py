@@ -16,7 +16,8 @@ import pytest
 
 from jaxkd.data import (CHAT_MESSAGES, CHAT_TOOLS_OPENAI, CHATML_TEMPLATE, TOKENIZER_DIR, default_data_config,
                         load_tokenizer, make_loader)
-from jaxkd.data.encode import CHATML_TOOLS_TEMPLATE, Encoder, Side, resolve_template
+from jaxkd.data.encode import (CHATML_BUNDLED_TOOLS_TEMPLATE, CHATML_TOOLS_TEMPLATE, Encoder, Side,
+                               resolve_template)
 from jaxkd.data.formats import BAD_REASONS
 from tests.data_references import LLAMA31_TEMPLATE, QWEN25_TEMPLATE
 
@@ -280,3 +281,21 @@ def test_bundled_tool_chats_under_chatml_tools_render_as_qwen25_and_mask_as_its_
   for row in [r for r in read(CHAT_MESSAGES)[:300] if all(m["role"] != "tool" for m in r["messages"])]:
     assert (tok.apply_chat_template(row["messages"], chat_template=CHATML_TOOLS_TEMPLATE, tokenize=False)
             == tok.apply_chat_template(row["messages"], chat_template=CHATML_TEMPLATE, tokenize=False))
+
+
+def test_bundled_tool_chats_under_chatml_bundled_tools_render_as_the_text_the_tiny_models_learnt(tok):
+  """"chatml_bundled_tools" renders the OpenAI layout of the bundled tool chats as their text form (the calls
+  in the reply, the tools in the system prompt) renders under ChatML, character for character, and so masks
+  them alike."""
+  rows = read(CHAT_TOOLS_OPENAI)
+  text_form = [r for r in read(CHAT_MESSAGES) if any(m["role"] == "tool" for m in r["messages"])]
+  assert len(rows) == len(text_form)
+  for row, text in zip(rows, text_form):
+    messages, tools = as_transformers_takes_it(row)
+    ours = tok.apply_chat_template(messages, tools=tools, chat_template=CHATML_BUNDLED_TOOLS_TEMPLATE, tokenize=False)
+    assert ours == tok.apply_chat_template(text["messages"], chat_template=CHATML_TEMPLATE, tokenize=False)
+  ours = encode(tok, resolve_template("chatml_bundled_tools", tok), rows[:40])
+  theirs = encode(tok, CHATML_TEMPLATE, text_form[:40])
+  assert not ours.status.any(), ours.problems
+  for i in range(40):
+    assert row_tokens(ours, i) == row_tokens(theirs, i)

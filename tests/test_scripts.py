@@ -72,6 +72,15 @@ def test_kd_vs_sft_writes_report_and_plot_and_plot_runs_draws_them(tmp_path):
     assert [(c["step"], c["total"]) for c in curve] == [(3, 8)] and report[mode]["answers"] == curve[0]["accuracy"]
   won = report["on_policy_kd_answers_more_than_logit_kd_seeds"]
   assert f"on_policy_kd answers more held-out questions right than logit_kd on {len(won)} of 1 seed(s)" in out
+  # Function calling at the end: the first 8 turns of the held-out tool chats, 4 of them calls.
+  assert report["teacher"]["function_calling"]["calls"]["total"] == 4 and report["teacher"]["function_calls"] > 0
+  for mode in ("sft", "logit_kd", "offline_kd", "on_policy_kd"):
+    calls = report[mode]["per_seed"]["0"]["function_calling"]
+    assert (calls["total"], calls["calls"]["total"], calls["syntax"]) == (8, 4, "inline")
+    assert report[mode]["function_calls"] == calls["calls"]["accuracy"]
+    assert f"calls right {report[mode]['function_calls']:.4f}" in out
+  won = report["logit_kd_calls_more_than_sft_seeds"]
+  assert f"logit_kd makes more held-out tool calls right than sft on {len(won)} of 1 seed(s)" in out
   on_policy_rows = [json.loads(line) for line in open(os.path.join(workdir, "on_policy_kd-seed0", "metrics.jsonl"))]
   assert any("sampled_len" in r for r in on_policy_rows)  # its on-policy steps ran
   assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000

@@ -19,7 +19,8 @@ _EXPORTS = {
     "FORMATS": "formats", "BadRow": "formats", "Conversation": "formats", "DataError": "formats",
     "Text": "formats", "detect_format": "formats", "to_example": "formats",
     "ImitatedProcesses": "loader", "Loader": "loader", "global_batch": "loader", "make_loader": "loader",
-    "Prompt": "prompts", "held_out_conversations": "prompts", "held_out_prompts": "prompts",
+    "Prompt": "prompts", "held_out_conversations": "prompts", "held_out_examples": "prompts",
+    "held_out_prompts": "prompts",
     "load_tokenizer": "tokenizer", "same_tokenizer": "tokenizer", "tokenizer_fingerprint": "tokenizer",
 }
 __all__ = sorted(_EXPORTS)

@@ -30,8 +30,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # a tools column), alpaca, prompt_completion, text, xlam (query/tools/answers), glaive (system/chat).
   c.format = "auto"
   # Chat template: None = the student tokenizer's own; "chatml"; "chatml_tools" (ChatML that renders tools
-  # and tool calls as Qwen2.5 does); or a Jinja template string. Tool-calling data needs a template that
-  # renders `tools` and `tool_calls` (the model's own): rows whose calls a template drops are skipped.
+  # and tool calls as Qwen2.5 does); "chatml_bundled_tools" (ChatML with tools and calls in the bundled chats'
+  # text form, which the tiny models learnt); or a Jinja template string. Tool-calling data needs a template
+  # that renders `tools` and `tool_calls` (the model's own): rows whose calls a template drops are skipped.
   c.chat_template = None
   # The teacher's template when its tokenizer differs: None = the teacher tokenizer's own, else the student's.
   c.teacher_chat_template = None

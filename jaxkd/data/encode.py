@@ -72,7 +72,46 @@ CHATML_TOOLS_TEMPLATE = (
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE, "chatml_tools": CHATML_TOOLS_TEMPLATE}
+# ChatML with tools in the bundled chats' own text form (jaxkd.data.synthetic's tool conversations, which the
+# bundled tiny teacher was trained on): the tool list as one sentence closing the system turn
+# ("... Tools: calculator(expression), get_weather(city)."), each call a <tool_call>{"name": ..., argument:
+# value, ...}</tool_call> with the arguments inline, tool results as plain `tool` turns. On
+# jaxkd/assets/data/chat_tools_openai.jsonl it renders the text of the same chats in chat_messages.jsonl under
+# CHATML_TEMPLATE, character for character: the OpenAI layout of those chats, as the tiny models read them.
+CHATML_BUNDLED_TOOLS_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + ' ' }}{%- endif %}"
+    "{{- 'To call one, answer with <tool_call>{json}</tool_call>. Tools: ' }}"
+    "{%- for tool in tools %}"
+    "{%- if tool.function is defined %}{%- set tool = tool.function %}{%- endif %}"
+    "{{- tool.name + '(' + (tool.parameters.properties if tool.parameters is defined and tool.parameters.properties "
+    "is defined else {}) | list | join(', ') + ')' + (', ' if not loop.last else '.') }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' and loop.first and tools %}"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if message.content %}{{- message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{%- if message.content or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>{\"name\": ' + tool_call.name | tojson }}"
+    "{%- for key, value in tool_call.arguments.items() %}"
+    "{{- ', ' + key | tojson + ': ' + value | tojson }}"
+    "{%- endfor %}"
+    "{{- '}</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE, "chatml_tools": CHATML_TOOLS_TEMPLATE,
+                   "chatml_bundled_tools": CHATML_BUNDLED_TOOLS_TEMPLATE}
 
 FIRST_BAD_ROWS = 5  # row indices kept per bad-row reason for the summary
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -187,6 +226,11 @@ class Side:
                                                return_assistant_tokens_mask=generation,
                                                add_generation_prompt=prompt, **self.template_vars)
     return texts[0], (indices[0] if generation else None)
+
+  def render_text(self, messages, tools=None, *, generation_prompt: bool = False) -> str:
+    """The template's text of `messages` (and `tools`), rendered as training renders it; with the generation
+    prompt, the text a model reads before it writes the next assistant turn (jaxkd.function_calling)."""
+    return self._render(messages, tools, prompt=generation_prompt)[0]
 
   def _content_spans(self, conv: Conversation, text: str, tools) -> list[tuple[int, int] | None]:
     """Where each message's content sits in `text`: from a render with sentinels in place of the contents

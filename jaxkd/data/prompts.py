@@ -1,5 +1,5 @@
 """Held-out prompts: the first conversations of a run's eval split, cut before their first assistant turn
-(and the whole held-out conversations, for `jaxkd.answers`).
+(and the whole held-out conversations, for `jaxkd.answers` and `jaxkd.function_calling`).
 
 A run ends by answering a few of them with the student and the teacher (`jaxkd.samples`), so a reader sees
 what distillation did in words as well as in held-out loss. The rows are the ones the eval loader holds out
@@ -47,9 +47,14 @@ def held_out_prompts(cfg, count: int, *, cache_dir: str | None = None) -> list[P
 def held_out_conversations(cfg, *, cache_dir: str | None = None) -> Iterator[list[dict]]:
   """The whole conversations (messages with canonical roles) of every held-out row of every map-style source
   that holds rows out, in source and row order; rows the loader would skip, and plain text, are left out."""
+  for example in held_out_examples(cfg, cache_dir=cache_dir):
+    yield example.messages
+
+
+def held_out_examples(cfg, *, cache_dir: str | None = None) -> Iterator[Conversation]:
+  """`held_out_conversations` with each row's tools: the `Conversation`s themselves."""
   for spec in _holding_sources(cfg):
-    for example in _held_out_examples(spec, cfg, cache_dir):
-      yield example.messages
+    yield from _held_out_examples(spec, cfg, cache_dir)
 
 
 def _holding_sources(cfg):
