@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxkd.models import lora as lora_lib
 from jaxkd.models.config import ModelConfig, RopeConfig, yarn_attention_factor
@@ -69,6 +70,7 @@ class Linear(nnx.Module):
       h = lora_lib.dropout(x, self.lora.dropout, dropout_key)
       h_xR = jnp.einsum("...i,ir->...r", h, self.lora_a[...].astype(self.dtype))
       y = y + jnp.einsum("...r,ro->...o", h_xR, self.lora_b[...].astype(self.dtype)) * self.lora.scale
+      y = checkpoint_name(y, lora_lib.REMAT_NAME)
     return y
 
 

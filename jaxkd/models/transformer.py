@@ -20,7 +20,7 @@ from flax import nnx
 from jaxkd.models.attention import check_implementation, dot_product_attention
 from jaxkd.models.config import ModelConfig
 from jaxkd.models.layers import Embed, Linear, Norm, apply_rope, rope_cos_sin, split_key
-from jaxkd.models.lora import LoraConfig
+from jaxkd.models.lora import REMAT_NAME, LoraConfig
 from jaxkd.sharding import constrain
 
 # Primitives of the fused attention kernels whose outputs (the attention output and its softmax statistics,
@@ -39,13 +39,20 @@ def _dots_no_batch_and_attention(prim, *args, **params) -> bool:
           or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 
 
+def _and_lora_outputs(policy):
+  """`policy`, saving also the LoRA projections' outputs (jaxkd.models.lora.REMAT_NAME): each stands for the dot
+  it extends, which the policy would have saved."""
+  return jax.checkpoint_policies.save_from_both_policies(
+      policy, jax.checkpoint_policies.save_only_these_names(REMAT_NAME))
+
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": _and_lora_outputs(jax.checkpoint_policies.dots_saveable),
+    "dots_no_batch": _and_lora_outputs(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
     # dots_no_batch, and the fused attention kernels' outputs (the same as dots_no_batch on the XLA path).
-    "dots_no_batch_attention": _dots_no_batch_and_attention,
+    "dots_no_batch_attention": _and_lora_outputs(_dots_no_batch_and_attention),
 }
 # The same policies by how much of the forward the backward pass computes again, least first (and so by memory,
 # most first): saving all dots keeps the [B, N, T, T] scores on the XLA path; "full" keeps only each layer's input.
