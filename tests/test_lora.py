@@ -87,9 +87,11 @@ def test_adapters_are_sharded_like_their_kernels_never_over_the_rank():
 @pytest.mark.parametrize("bad,match", [
     ({"student.lora.rank": -1}, r"config\.student\.lora\.rank=-1: must be an integer >= 0"),
     ({"student.lora.rank": 8, "student.lora.alpha": 0.0}, r"config\.student\.lora\.alpha=0\.0: must be > 0"),
-    ({"student.lora.rank": 8, "student.lora.dropout": 1.0}, r"config\.student\.lora\.dropout=1\.0: must be in \[0, 1\)"),
+    ({"student.lora.rank": 8, "student.lora.dropout": 1.0},
+     r"config\.student\.lora\.dropout=1\.0: must be in \[0, 1\)"),
     ({"student.lora.rank": 8, "student.lora.targets": "q,proj"},
-     r"config\.student\.lora\.targets='q,proj': \['proj'\] unknown; use a comma-separated subset of q,k,v,o,gate,up,down"),
+     r"config\.student\.lora\.targets='q,proj': \['proj'\] unknown; use a comma-separated subset of "
+     r"q,k,v,o,gate,up,down"),
     ({"student.lora.rank": 8, "student.lora.targets": "q,q"}, r"targets='q,q': a target is named twice"),
     ({"student.lora.rank": 8, "student.lora.targets": " , "}, r"targets=' , ': empty"),
     ({"export.lora_adapter": True}, r"config\.export\.lora_adapter=True: .* student\.lora\.rank is 0"),
@@ -246,6 +248,18 @@ def test_a_lora_run_checkpoints_the_adapters_alone_and_resumes_bitwise(lora_run)
   runs.assert_same_rows(runs.train_rows(workdir), rows)
   assert runs.export_bytes(workdir) == export
   assert _bytes(os.path.join(workdir, "export_adapter", "adapter_model.safetensors")) == adapter
+
+
+def test_the_abstract_program_of_a_lora_run_is_the_runs(lora_run, monkeypatch):
+  """What the ahead-of-time compiles take (no weight read): the same trained parameters and frozen inputs, with
+  the same shapes, dtypes and shardings, as the run that trained."""
+  workdir, run, _, _, _ = lora_run
+  monkeypatch.setattr(trainer.models, "from_pretrained", lambda *a, **k: pytest.fail("a weight file was read"))
+  prog = program.abstract_program(runs.load_config(workdir=workdir, **RUN))
+  spec = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
+  state, frozen, _ = prog.abstract_inputs()
+  assert spec(state.params) == spec(run.final_params)
+  assert spec(frozen) == spec(run.program.frozen) and set(frozen) == {"teacher", "student"}
 
 
 def test_a_lora_run_exports_merged_weights_and_a_peft_adapter_with_the_trained_logits(lora_run):
