@@ -161,6 +161,11 @@ def report(c) -> int:
         f"mesh {mesh}; {c.data.batch_size} x {c.data.seq_len} tokens a step")
   kernels = _kernels(c, prog)
   print("  attention: " + "; ".join(f"{k} {v}" for k, v in kernels.items()))
+  if prog.student_base is not None:
+    count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    lo = c.student.lora
+    print(f"  student: LoRA rank {lo.rank} on {lo.targets}: {count(prog.params['student']):,} trained parameters "
+          f"(with their optimizer moments), {count(prog.student_base):,} frozen")
   if c.aot.search:
     return search(c, tpu, devices, hosts)
   status = _print(_compile(c, devices, prog), tpu, time.time() - start, _advice(c))

@@ -15,6 +15,7 @@ from jaxkd import distributed, hidden, losses, optim, sharding, step
 from jaxkd.data import config as data_config
 from jaxkd.models import attention as attention_lib
 from jaxkd.models import hf_io
+from jaxkd.models import lora as lora_lib
 from jaxkd.models import transformer as transformer_lib
 
 NONFINITE = ("skip", "stop")
@@ -45,6 +46,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.remat = "none"  # none | full | dots | dots_no_batch | dots_no_batch_attention
   # auto: cuDNN flash attention on GPU (bf16/fp16), Pallas splash on TPU, XLA elsewhere | xla | cudnn | splash
   c.student.attention = "auto"
+  # LoRA (jaxkd/models/lora.py): rank > 0 trains low-rank adapters beside the targeted projections and nothing
+  # else; the student's own weights stay as loaded (read from student.path on every start, never checkpointed),
+  # and the optimizer holds moments for the adapters alone. The export merges them into the weights.
+  c.student.lora = ml_collections.ConfigDict()
+  c.student.lora.rank = 0  # 0: off (the whole student trains)
+  c.student.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank (1 at rank 16)
+  c.student.lora.dropout = 0.0  # on the adapters' input while training (PEFT's default: none)
+  c.student.lora.targets = "q,k,v,o,gate,up,down"  # comma-separated; every linear layer of a block, as QLoRA
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.path = ""
@@ -159,6 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True
   c.export.dtype = "bfloat16"
+  # A LoRA student's adapters also as a PEFT folder (workdir/export_adapter), which
+  # peft.PeftModel.from_pretrained(base, folder) loads onto the unchanged base model.
+  c.export.lora_adapter = False
 
   # Several processes (one per host; see jaxkd.distributed). Empty coordinator and no JAX_COORDINATOR_ADDRESS:
   # a single process. "auto": JAX detects Slurm, Open MPI or Cloud TPU.
@@ -273,6 +285,7 @@ def validate(c) -> None:
          f"use one of {', '.join(attention_lib.IMPLEMENTATIONS)} (auto picks per platform)")
   need(c.student.remat in transformer_lib.REMAT_POLICIES, "student.remat",
        f"use one of {', '.join(sorted(transformer_lib.REMAT_POLICIES))}")
+  _check_lora(c, need)
   need(c.nonfinite in NONFINITE, "nonfinite",
        '"skip" skips a step with NaN/Inf loss or gradients and counts it, "stop" ends the run there')
   need(c.max_to_keep >= 1, "max_to_keep", "must be >= 1 (the checkpoints kept; older ones are deleted)")
@@ -350,6 +363,22 @@ def validate(c) -> None:
   if step.loss_config(c).uses_teacher and not c.teacher.cache:
     need(bool(c.teacher.path), "teacher.path", "is empty but distillation needs a teacher "
          "(or set distill.alpha=0 and distill.hidden.weight=0 for plain SFT)")
+
+
+def _check_lora(c, need) -> None:
+  lo = c.student.lora
+  need(isinstance(lo.rank, int) and lo.rank >= 0, "student.lora.rank",
+       "must be an integer >= 0 (0: no LoRA, the whole student trains; 8 to 64 are usual)")
+  if not lo.rank:
+    need(not c.export.lora_adapter, "export.lora_adapter",
+         "writes a LoRA student's adapters, but student.lora.rank is 0: set a rank, or export.lora_adapter=False")
+    return
+  need(lo.alpha > 0, "student.lora.alpha", "must be > 0 (the adapters' output is scaled by alpha / rank)")
+  need(0.0 <= lo.dropout < 1.0, "student.lora.dropout", "must be in [0, 1) (0: no dropout)")
+  try:
+    lora_lib.parse_targets(lo.targets)
+  except ValueError as e:
+    need(False, "student.lora.targets", str(e))
 
 
 def _check_on_policy(c, need) -> None:

@@ -25,9 +25,9 @@ def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on matrices (kernels and embeddings) only, not on norms or biases."""
+  """Weight decay on matrices (kernels, embeddings, LoRA adapters) only, not on norms or biases."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: str(getattr(path[-1], "key", path[-1])) in ("kernel", "embedding"), params)
+      lambda path, _: str(getattr(path[-1], "key", path[-1])) in ("kernel", "embedding", "lora_a", "lora_b"), params)
 
 
 def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -27,6 +27,7 @@ from flax import nnx
 from jaxkd import checkpoint as ckpt_lib
 from jaxkd import config_base, data, generate, hidden, models, on_policy, optim, signals, step as step_lib, tiny
 from jaxkd import sharding as shd
+from jaxkd.models import lora as lora_lib
 from jaxkd.models import presets
 
 
@@ -106,26 +107,31 @@ def _preset(side) -> dict | None:
     return presets.PRESETS[side.path]
 
 
-def load_model(side, *, dtype: str, compute_dtype: str, remat: str, attention: str, mesh, abstract: bool):
+def load_model(side, *, dtype: str, compute_dtype: str, remat: str, attention: str, mesh, abstract: bool,
+               lora: lora_lib.LoraConfig | None = None, seed: int = 0):
   """One model of the run: read and placed on `mesh`, or (abstract) its shapes from config.json alone (from
-  jaxkd.models.presets for a known hub id that is not on this machine)."""
+  jaxkd.models.presets for a known hub id that is not on this machine); with `lora`, adapters beside its
+  weights (initialised from `seed`)."""
   preset = _preset(side) if abstract else None
   if preset is None:
     folder = model_folder(side)
     if not abstract:
       return models.from_pretrained(folder, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat,
-                                    attention=attention)
+                                    attention=attention, lora=lora, seed=seed)
   cfg = models.config_from_hf(preset if preset is not None else models.read_config(model_folder(side)))
   pd, cd = models.hf_io.resolve_dtype(dtype), models.hf_io.resolve_dtype(compute_dtype)
   return nnx.eval_shape(lambda: models.Transformer(cfg, param_dtype=pd, dtype=cd, remat=remat, attention=attention,
-                                                   rngs=nnx.Rngs(0)))
+                                                   lora=lora, rngs=nnx.Rngs(seed)))
 
 
 def load_models(c, mesh, lc: step_lib.LossConfig, *, abstract_student: bool, abstract_teacher: bool = False):
-  """(student, teacher or None). On resume the student's weights come from the checkpoint: abstract."""
+  """(student, teacher or None). On resume the student's weights come from the checkpoint: abstract (but a LoRA
+  student's checkpoint holds its adapters alone: its base weights are read all the same)."""
+  lora = lora_lib.settings(c.student.lora)
   with jax.set_mesh(mesh):
     student = load_model(c.student, dtype=c.student.param_dtype, compute_dtype=c.student.compute_dtype,
-                         remat=c.student.remat, attention=c.student.attention, mesh=mesh, abstract=abstract_student)
+                         remat=c.student.remat, attention=c.student.attention, mesh=mesh, abstract=abstract_student,
+                         lora=lora, seed=c.seed)
     teacher = None
     if lc.uses_teacher and not lc.cached:
       teacher = load_model(c.teacher, dtype=c.teacher.dtype, compute_dtype=c.teacher.dtype, remat="none",
@@ -195,10 +201,29 @@ class Program:
   state_shardings: step_lib.TrainState
   teacher_shardings: Any
   batch_shardings: dict
-  train_step: Any  # jitted (state, teacher_params, batch) -> (state, metrics)
-  eval_step: Any  # jitted (params, teacher_params, batch) -> aux sums
+  train_step: Any  # jitted (state, frozen, batch) -> (state, metrics)
+  eval_step: Any  # jitted (params, frozen, batch) -> aux sums
   rollout: on_policy.Rollout | None = None  # on-policy steps' sampling settings; None: off
   on_policy_step: Any = None  # jitted like train_step: samples completions of the batch's prompts, trains on them
+  # A LoRA student's frozen base weights (params["student"] holds its adapters) and their shardings; None: off.
+  student_base: Any = None
+  student_base_shardings: Any = None
+
+  @property
+  def frozen(self):
+    """The steps' second input, which they read and never change: the teacher's parameters, and a LoRA student's
+    base weights (step.frozen_input)."""
+    return step_lib.frozen_input(self.teacher_params, self.student_base)
+
+  @property
+  def frozen_shardings(self):
+    return step_lib.frozen_input(self.teacher_shardings, self.student_base_shardings)
+
+  def student(self, params):
+    """The student module of `params` (a TrainState's, or the loaded ones), with a LoRA student's base weights."""
+    if self.student_base is None:
+      return nnx.merge(self.student_def, params["student"])
+    return nnx.merge(self.student_def, self.student_base, params["student"])
 
   def abstract_state(self) -> step_lib.TrainState:
     sh = self.state_shardings
@@ -233,10 +258,10 @@ class Program:
     return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=s) for k, s in self.batch_shardings.items()}
 
   def abstract_inputs(self) -> tuple:
-    """(state, teacher parameters, batch) as ShapeDtypeStructs on their shardings: `train_step.lower(*...)`."""
-    teacher = (ckpt_lib.abstract_like(self.teacher_params, self.teacher_shardings)
-               if self.teacher_params is not None else None)
-    return self.abstract_state(), teacher, self.abstract_batch()
+    """(state, frozen inputs, batch) as ShapeDtypeStructs on their shardings: `train_step.lower(*...)`."""
+    frozen = self.frozen
+    frozen = ckpt_lib.abstract_like(frozen, self.frozen_shardings) if frozen is not None else None
+    return self.abstract_state(), frozen, self.abstract_batch()
 
 
 def rollout_settings(c, lc: step_lib.LossConfig, toks: Tokenizers) -> on_policy.Rollout | None:
@@ -253,6 +278,13 @@ def build(c, mesh, student, teacher, projector, lc: step_lib.LossConfig,
   student_def, s_state = nnx.split(student)
   params = {"student": nnx.to_pure_dict(s_state)}
   param_sh = {"student": shd.module_shardings(mesh, student)}
+  student_base = base_sh = lora_seed = None
+  if student.lora is not None:  # the adapters are trained; the base weights are a frozen input of the steps
+    params["student"] = nnx.to_pure_dict(nnx.state(student, lora_lib.ADAPTERS))
+    param_sh["student"] = shd.module_shardings(mesh, student, lora_lib.ADAPTERS)
+    student_base = nnx.to_pure_dict(nnx.state(student, lora_lib.BASE))
+    base_sh = shd.module_shardings(mesh, student, lora_lib.BASE)
+    lora_seed = int(c.seed)
   projector_def = None
   if projector is not None:
     projector_def, p_state = nnx.split(projector)
@@ -268,24 +300,27 @@ def build(c, mesh, student, teacher, projector, lc: step_lib.LossConfig,
   source = signals.CachedTeacher() if lc.cached else signals.online(teacher_def)
   eval_lc = dataclasses.replace(lc, alpha=0.0, cached=False) if lc.cached else lc
   batch_sh = shd.batch_shardings(mesh, lc.batch_keys())
+  frozen_sh = step_lib.frozen_input(teacher_sh, base_sh)
   train_step = step_lib.make_train_step(student_def, source, optimizer, lr_schedule, lc, projector_def=projector_def,
-                                        state_shardings=state_sh, teacher_shardings=teacher_sh,
-                                        batch_shardings=batch_sh)
+                                        state_shardings=state_sh, teacher_shardings=frozen_sh,
+                                        batch_shardings=batch_sh, lora_seed=lora_seed)
   on_policy_step = None
   if rollout is not None:
     on_policy_step = step_lib.make_on_policy_step(
         student_def, source, optimizer, lr_schedule, lc, rollout, projector_def=projector_def,
-        state_shardings=state_sh, teacher_shardings=teacher_sh, batch_shardings=batch_sh)
+        state_shardings=state_sh, teacher_shardings=frozen_sh, batch_shardings=batch_sh, lora_seed=lora_seed)
   eval_step = step_lib.make_eval_step(student_def, source, eval_lc, projector_def=projector_def,
-                                      param_shardings=param_sh, teacher_shardings=teacher_sh,
-                                      batch_shardings=shd.batch_shardings(mesh, eval_lc.batch_keys()))
+                                      param_shardings=param_sh, teacher_shardings=frozen_sh,
+                                      batch_shardings=shd.batch_shardings(mesh, eval_lc.batch_keys()),
+                                      lora_seed=lora_seed)
   return Program(config=c, mesh=mesh, lc=lc, student_cfg=student.cfg,
                  teacher_cfg=teacher.cfg if teacher is not None else None, optimizer=optimizer,
                  lr_schedule=lr_schedule, student_def=student_def, projector_def=projector_def, teacher=source,
                  eval_lc=eval_lc,
                  params=params, teacher_params=teacher_params,
                  state_shardings=state_sh, teacher_shardings=teacher_sh, batch_shardings=batch_sh,
-                 train_step=train_step, eval_step=eval_step, rollout=rollout, on_policy_step=on_policy_step)
+                 train_step=train_step, eval_step=eval_step, rollout=rollout, on_policy_step=on_policy_step,
+                 student_base=student_base, student_base_shardings=base_sh)
 
 
 def cache_k(c) -> int:

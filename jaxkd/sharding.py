@@ -30,6 +30,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": None,  # per-head norm weights: tiny, replicated
     "head_dim": None,
     "teacher_embed": "tensor",  # output width of the hidden-state projection
+    "lora_rank": None,  # LoRA adapters: A [in, rank] and B [rank, out] split like their kernel, never over rank
     # activations
     "act_batch": ("data", "fsdp"),
     "act_seq": None,
@@ -125,10 +126,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def module_shardings(mesh: Mesh, module) -> dict:
-  """Nested dict of NamedShardings for a module's parameters (the layout of `nnx.to_pure_dict`)."""
+def module_shardings(mesh: Mesh, module, which=nnx.Param) -> dict:
+  """Nested dict of NamedShardings for a module's parameters (the layout of `nnx.to_pure_dict`); `which`, an nnx
+  filter, picks some of them (jaxkd.models.lora: the adapters, or the base weights)."""
   out: dict = {}
-  for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+  for path, var in nnx.to_flat_state(nnx.state(module, which)):
     node = out
     for key in path[:-1]:
       node = node.setdefault(key, {})

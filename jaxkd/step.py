@@ -8,6 +8,10 @@ gradient), and the optimizer update.
 Student parameters and optimizer state are donated; the teacher's parameters are an ordinary input that
 is never donated nor differentiated. With alpha = 0 no teacher forward is traced at all.
 
+A LoRA student (jaxkd.models.lora) trains its adapters alone: they are `params["student"]`, the optimizer's
+moments are theirs, and the student's base weights come in the second input beside the teacher's (`frozen`),
+read and never donated, differentiated or updated. Their dropout key is `fold_in(key(seed), step)`.
+
 Parameters travel as plain nested dicts (`nnx.to_pure_dict`); the modules are rebuilt inside the traced
 function with `nnx.merge`, so the step itself is a pure function of arrays.
 """
@@ -101,7 +105,9 @@ TEACHER_KEYS = ("teacher_input_ids", "teacher_segment_ids", "teacher_positions",
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any  # {"student": nested dict, "projector": nested dict (hidden distillation, widths differ)}
+  # {"student": nested dict (a LoRA student's adapters alone), "projector": nested dict (hidden distillation,
+  # widths differ)}
+  params: Any
   opt_state: Any
   rng: Any = None  # with on-policy steps: the sampling key's raw data (jaxkd.on_policy), checkpointed
 
@@ -134,11 +140,12 @@ def _hidden_sum(s_out, signal: signals.TeacherSignal, projector, batch, lc: Loss
 
 
 def objective(student, projector, signal: signals.TeacherSignal | None, batch: dict, lc: LossConfig, n_tokens,
-              n_hidden):
+              n_hidden, dropout_key=None):
   """(loss of this (micro-)batch, aux sums); `n_tokens`, `n_hidden` are the whole batch's counts, so the
-  losses of micro-batches add up to the loss of the batch. `signal` is the teacher's (jaxkd.signals)."""
+  losses of micro-batches add up to the loss of the batch. `signal` is the teacher's (jaxkd.signals);
+  `dropout_key` the LoRA adapters' (training only)."""
   s_out = student.forward(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                          compute_logits=False, output_hidden_states=lc.uses_hidden)
+                          compute_logits=False, output_hidden_states=lc.uses_hidden, dropout_key=dropout_key)
   labels_N = batch["targets"].reshape(-1).astype(jnp.int32)
   mask_N = batch["loss_mask"].reshape(-1).astype(jnp.float32)
   s_hidden_NxD = s_out.last_hidden.reshape(-1, s_out.last_hidden.shape[-1])
@@ -218,10 +225,28 @@ def _split_micro(batch: dict, n: int) -> dict:
   return jax.tree.map(one, batch)
 
 
-def _modules(student_def, projector_def, params):
-  student = nnx.merge(student_def, params["student"])
+def frozen_input(teacher_params, student_base):
+  """The steps' second input, which they read and never change: the teacher's parameters, and for a LoRA
+  student its base weights beside them ({"teacher": ..., "student": ...})."""
+  return teacher_params if student_base is None else {"teacher": teacher_params, "student": student_base}
+
+
+def _unfreeze(frozen, lora_seed):
+  """(teacher input, the student's base weights or None) of the steps' second input (`frozen_input`)."""
+  return (frozen, None) if lora_seed is None else (frozen["teacher"], frozen["student"])
+
+
+def _modules(student_def, projector_def, params, student_base=None):
+  student = (nnx.merge(student_def, params["student"]) if student_base is None else
+             nnx.merge(student_def, student_base, params["student"]))
   projector = nnx.merge(projector_def, params["projector"]) if projector_def is not None else None
   return student, projector
+
+
+def dropout_key(seed: int, step):
+  """The LoRA adapters' dropout key of step `step` (0-based, TrainState.step): a function of the seed and the
+  checkpointed step alone, so a resumed run draws the same masks and the checkpoint needs no key of its own."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x4C6F5241), step)
 
 
 def _signal(teacher, teacher_input, batch, lc: LossConfig):
@@ -238,36 +263,41 @@ def _schedule_count(opt_state, step):
 
 def make_train_step(student_def, teacher: signals.TeacherSource | None, optimizer: optax.GradientTransformation,
                     lr_schedule, lc: LossConfig, *, projector_def=None, state_shardings=None,
-                    teacher_shardings=None, batch_shardings=None):
+                    teacher_shardings=None, batch_shardings=None, lora_seed: int | None = None):
   """The jitted `train_step(state, teacher_input, batch) -> (state, metrics)`; `teacher` makes the teacher's
   signal from `teacher_input` (for `signals.OnlineTeacher`, the teacher's parameters).
+
+  `lora_seed`: the run's seed when the student is a LoRA student (None: not); `teacher_input` is then
+  `frozen_input(teacher params, the student's base weights)`, and `teacher_shardings` that of their shardings.
 
   A step whose loss or gradients hold NaN or Inf returns the parameters and optimizer state unchanged (the
   step counter still advances) with metrics["nonfinite"] = 1.
   """
-  train_step = _train_body(student_def, teacher, optimizer, lr_schedule, lc, projector_def)
+  train_step = _train_body(student_def, teacher, optimizer, lr_schedule, lc, projector_def, lora_seed)
   return jax.jit(train_step, in_shardings=(state_shardings, teacher_shardings, batch_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
 def make_on_policy_step(student_def, teacher: signals.OnlineTeacher, optimizer: optax.GradientTransformation,
                         lr_schedule, lc: LossConfig, rollout: on_policy.Rollout, *, projector_def=None,
-                        state_shardings=None, teacher_shardings=None, batch_shardings=None):
+                        state_shardings=None, teacher_shardings=None, batch_shardings=None,
+                        lora_seed: int | None = None):
   """The jitted on-policy step, `(state, teacher params, batch) -> (state, metrics)` like the train step's: the
   student (the teacher under `rollout.seq_kd`) completes the batch's prompts, then the train step runs on the
   sampled rows (jaxkd.on_policy). It draws with `state.rng` and returns the key advanced. On the student's own
-  samples the loss is the divergence alone (alpha 1); under seq_kd, `lc`'s mix."""
+  samples the loss is the divergence alone (alpha 1); under seq_kd, `lc`'s mix. `lora_seed` as make_train_step's."""
   sampled_lc = lc if rollout.seq_kd else dataclasses.replace(lc, alpha=1.0)
-  train_step = _train_body(student_def, teacher, optimizer, lr_schedule, sampled_lc, projector_def)
+  train_step = _train_body(student_def, teacher, optimizer, lr_schedule, sampled_lc, projector_def, lora_seed)
 
-  def on_policy_step(state: TrainState, teacher_params, batch):
+  def on_policy_step(state: TrainState, frozen, batch):
+    teacher_params, student_base = _unfreeze(frozen, lora_seed)
     key, sub = jax.random.split(jax.random.wrap_key_data(state.rng))
     if rollout.seq_kd:
       writer = nnx.merge(teacher.graphdef, teacher_params)
     else:
-      writer = _modules(student_def, projector_def, state.params)[0]
+      writer = _modules(student_def, projector_def, state.params, student_base)[0]
     sampled, sample_metrics = on_policy.sample(writer, batch, sub, rollout)
-    state, metrics = train_step(state.replace(rng=jax.random.key_data(key)), teacher_params,
+    state, metrics = train_step(state.replace(rng=jax.random.key_data(key)), frozen,
                                 jax.lax.stop_gradient(sampled))
     return state, {**metrics, **sample_metrics}
 
@@ -275,36 +305,41 @@ def make_on_policy_step(student_def, teacher: signals.OnlineTeacher, optimizer: 
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def _train_body(student_def, teacher, optimizer, lr_schedule, lc: LossConfig, projector_def):
+def _train_body(student_def, teacher, optimizer, lr_schedule, lc: LossConfig, projector_def, lora_seed=None):
   """The train step as a traceable function (make_train_step jits it)."""
 
-  def loss_fn(params, signal, micro, n_tokens, n_hidden):
-    student, projector = _modules(student_def, projector_def, params)
-    return objective(student, projector, signal, micro, lc, n_tokens, n_hidden)
+  def loss_fn(params, student_base, signal, micro, n_tokens, n_hidden, key):
+    student, projector = _modules(student_def, projector_def, params, student_base)
+    return objective(student, projector, signal, micro, lc, n_tokens, n_hidden, dropout_key=key)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # of the trained parameters alone
 
-  def train_step(state: TrainState, teacher_input, batch):
+  def train_step(state: TrainState, frozen, batch):
+    teacher_input, student_base = _unfreeze(frozen, lora_seed)
+    key = dropout_key(lora_seed, state.step) if lora_seed is not None else None
     n_tokens, n_hidden = batch_counts(batch, lc)
     if lc.micro_batches == 1:
       signal = _signal(teacher, teacher_input, batch, lc)
-      (loss, aux), grads = grad_fn(state.params, signal, batch, n_tokens, n_hidden)
+      (loss, aux), grads = grad_fn(state.params, student_base, signal, batch, n_tokens, n_hidden, key)
     else:
       micro = _split_micro(batch, lc.micro_batches)
       first = jax.tree.map(lambda x: x[0], micro)
-      aux_shape = jax.eval_shape(lambda: loss_fn(state.params, _signal(teacher, teacher_input, first, lc), first,
-                                                 n_tokens, n_hidden)[1])
+      aux_shape = jax.eval_shape(lambda: loss_fn(state.params, student_base,
+                                                 _signal(teacher, teacher_input, first, lc), first, n_tokens,
+                                                 n_hidden, key)[1])
       zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params), jnp.float32(0),
                jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape))
 
-      def accumulate(carry, mb):
+      def accumulate(carry, xs):
+        mb, i = xs
         signal = _signal(teacher, teacher_input, mb, lc)  # per micro-batch: only its share is ever held
-        (l, a), g = grad_fn(state.params, signal, mb, n_tokens, n_hidden)
+        mb_key = jax.random.fold_in(key, i) if key is not None else None
+        (l, a), g = grad_fn(state.params, student_base, signal, mb, n_tokens, n_hidden, mb_key)
         acc_g, acc_l, acc_a = carry
         return (jax.tree.map(lambda x, y: x + y.astype(jnp.float32), acc_g, g), acc_l + l,
                 jax.tree.map(jnp.add, acc_a, a)), None
 
-      (grads, loss, aux), _ = jax.lax.scan(accumulate, zeros, micro)
+      (grads, loss, aux), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(lc.micro_batches)))
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     grad_norm = optax.tree.norm(grads)
     # Non-finite guard (optim.make_optimizer's optax.apply_if_finite): a step whose gradients hold NaN or Inf
@@ -323,11 +358,14 @@ def _train_body(student_def, teacher, optimizer, lr_schedule, lc: LossConfig, pr
 
 
 def make_eval_step(student_def, teacher: signals.TeacherSource | None, lc: LossConfig, *, projector_def=None,
-                   param_shardings=None, teacher_shardings=None, batch_shardings=None):
-  """The jitted `eval_step(params, teacher_input, batch) -> aux sums` (with "hidden_count"), to add up."""
+                   param_shardings=None, teacher_shardings=None, batch_shardings=None,
+                   lora_seed: int | None = None):
+  """The jitted `eval_step(params, teacher_input, batch) -> aux sums` (with "hidden_count"), to add up;
+  `lora_seed` as make_train_step's (no dropout here: only whether `teacher_input` holds the student's base)."""
 
-  def eval_step(params, teacher_input, batch):
-    student, projector = _modules(student_def, projector_def, params)
+  def eval_step(params, frozen, batch):
+    teacher_input, student_base = _unfreeze(frozen, lora_seed)
+    student, projector = _modules(student_def, projector_def, params, student_base)
     _, n_hidden = batch_counts(batch, lc)
     signal = _signal(teacher, teacher_input, batch, lc)
     _, aux = objective(student, projector, signal, batch, lc, jnp.float32(1), n_hidden)

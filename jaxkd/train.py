@@ -107,6 +107,8 @@ def _main():
     print(f"held-out prompts, answered greedily:\n{samples.format_samples(summary['samples'])}")
   if "export" in summary:
     print(f"exported student: {summary['export']}")
+  if "export_adapter" in summary:
+    print(f"exported LoRA adapter (PEFT): {summary['export_adapter']}")
   return 0
 
 

@@ -28,12 +28,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxkd import checkpoint as ckpt_lib
 from jaxkd import config_base, data, distributed, models, on_policy, program, reporting, step as step_lib
 from jaxkd import samples as samples_lib
+from jaxkd import tiny
 from jaxkd import workdir as workdir_lib
+from jaxkd.models import lora as lora_lib
 
 log = logging.getLogger("jaxkd")
 
@@ -76,9 +77,12 @@ class Run:
     settings = step_lib.loss_config(c)  # what needs no model: whether a teacher is used, logit KD or not
     toks = program.load_tokenizers(c, settings)
     self.tokenizer, self.teacher_tokenizer = toks.student, toks.teacher
-    # On resume the student's weights come from the checkpoint: it is built abstractly, nothing is read.
+    # On resume the student's weights come from the checkpoint: it is built abstractly, nothing is read. A LoRA
+    # student's checkpoint holds its adapters alone: its base weights are read from student.path, as the teacher's.
     resuming = self.resume_step is not None
-    self.student, self.teacher = program.load_models(c, self.mesh, settings, abstract_student=resuming)
+    self.lora = lora_lib.settings(c.student.lora)
+    self.student, self.teacher = program.load_models(c, self.mesh, settings,
+                                                     abstract_student=resuming and self.lora is None)
     t_cfg = self.teacher.cfg if self.teacher is not None else None
     self.loss_cfg = program.loss_settings(c, self.student.cfg, t_cfg, toks)
     if c.debug.start_delay_s:
@@ -193,6 +197,8 @@ class Run:
       summary = {"step": c.steps, "eval": final_eval, "workdir": self.workdir}
       if c.export.enabled:
         summary["export"] = self.export(state.params)
+        if c.export.lora_adapter:
+          summary["export_adapter"] = self.adapter_path
       if c.samples.count:
         summary["samples"] = self.samples(state.params)
       if distributed.is_main():
@@ -212,7 +218,7 @@ class Run:
       step = i + 1
       self.ckpt.raise_if_failed()  # a failed background save stops the run now, not at the next save
       batch = self._global_batch(self.loader, poison=step == c.debug.poison_step)
-      state, metrics = self._step_fn(step)(state, self.program.teacher_params, batch)
+      state, metrics = self._step_fn(step)(state, self.program.frozen, batch)
       if pending is not None:  # the previous step's numbers: reading them does not stall dispatch
         self._report(report, *pending)
       pending = (step, metrics)
@@ -306,7 +312,7 @@ class Run:
     if self.eval_loader is None:
       return None
     self.eval_loader.set_state(self.eval_start)
-    out = step_lib.evaluate(self.program.eval_step, params, self.program.teacher_params,
+    out = step_lib.evaluate(self.program.eval_step, params, self.program.frozen,
                             self._batches(self.eval_loader), self.program.eval_lc)
     if out is None:
       raise data.DataError("the eval split is empty: raise data.eval_fraction or check data.eval_split")
@@ -327,8 +333,7 @@ class Run:
       log.info("closing samples: skipped in a run of %d processes", jax.process_count())
       return []
     template = data.resolve_template(c.data.chat_template, self.tokenizer)
-    speakers = {"student": samples_lib.Speaker(nnx.merge(self.program.student_def, params["student"]),
-                                               self.tokenizer, template)}
+    speakers = {"student": samples_lib.Speaker(self.program.student(params), self.tokenizer, template)}
     if self.teacher is not None:
       t_tok = self.teacher_tokenizer or self.tokenizer
       t_template = data.teacher_template(c.data, t_tok, template) if self.teacher_tokenizer else template
@@ -343,10 +348,21 @@ class Run:
       return []
 
   def export(self, params) -> str:
-    student = nnx.merge(self.program.student_def, params["student"])  # the projector is never exported
+    """The student as a Hugging Face folder (a LoRA student's adapters merged into its weights), and with
+    export.lora_adapter its adapters as a PEFT folder beside it (`adapter_path`)."""
+    c = self.config
+    student = self.program.student(params)  # the projector is never exported
     path = os.path.join(self.workdir, "export")
-    models.save_pretrained(student, path, tokenizer=self.tokenizer, dtype=self.config.export.dtype)
+    models.save_pretrained(student, path, tokenizer=self.tokenizer, dtype=c.export.dtype)
+    if c.export.lora_adapter:
+      models.hf_io.save_adapter(student, self.adapter_path, base_model=tiny.resolve(c.student.path),
+                                dtype=c.export.dtype)
     return path
+
+  @property
+  def adapter_path(self) -> str:
+    """Where export.lora_adapter writes the PEFT adapter folder."""
+    return os.path.join(self.workdir, "export_adapter")
 
 
 def run(config) -> dict[str, Any]:

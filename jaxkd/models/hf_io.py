@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxkd import sharding as shd
-from jaxkd.models import llama, qwen2, qwen3, stablelm
+from jaxkd.models import llama, lora as lora_lib, qwen2, qwen3, stablelm
 from jaxkd.models.config import ModelConfig, UnsupportedConfigError, torch_dtype_of
 from jaxkd.models.safetensors_io import WeightsError, SafetensorsFile, write_file
 from jaxkd.models.transformer import Transformer
@@ -162,7 +162,23 @@ def _table(cfg: ModelConfig, flat_params) -> dict[str, str]:
 
 
 def _flat_params(model) -> list[tuple[str, Any]]:
-  return [(".".join(map(str, k)), v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  """(path, Variable) of the parameters a Hugging Face folder holds: all but LoRA adapters."""
+  return [(".".join(map(str, k)), v) for k, v in nnx.to_flat_state(nnx.state(model, lora_lib.BASE))]
+
+
+def _export_values(model, flat) -> dict[str, Any]:
+  """path -> a function giving the parameter's value as exported: with a LoRA adapter beside a kernel, the two
+  merged (W + scale * A @ B, jaxkd.models.lora), one kernel at a time."""
+  adapters = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, lora_lib.ADAPTERS))}
+  out = {}
+  for path, var in flat:
+    a, b = adapters.get(path[:-len("kernel")] + "lora_a"), adapters.get(path[:-len("kernel")] + "lora_b")
+    if path.endswith("kernel") and a is not None:
+      out[path] = (lambda var=var, a=a, b=b: lora_lib.merged_kernel(var.get_value(), a.get_value(), b.get_value(),
+                                                                    model.lora.scale))
+    else:
+      out[path] = var.get_value
+  return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,7 +291,8 @@ def load_params(model, folder: str, *, mesh: Mesh | None = None) -> None:
 
 
 def from_pretrained(path: str, *, dtype: Any = "float32", compute_dtype: Any = None, mesh: Mesh | None = None,
-                    remat: str = "none", attention: str = "auto") -> Transformer:
+                    remat: str = "none", attention: str = "auto", lora: lora_lib.LoraConfig | None = None,
+                    seed: int = 0) -> Transformer:
   """Loads a Qwen2, Qwen3, Llama or StableLM model from a local HF folder (or a cached/downloadable hub id).
 
   Args:
@@ -285,15 +302,27 @@ def from_pretrained(path: str, *, dtype: Any = "float32", compute_dtype: Any = N
     mesh: place each parameter on its NamedSharding from the logical-axis rules; None = first device.
     remat: rematerialisation policy of the scanned layers (see transformer.REMAT_POLICIES).
     attention: "auto", "xla", "cudnn" or "splash" (see jaxkd.models.attention).
+    lora: LoRA adapters to add to the loaded weights (jaxkd.models.lora.LoraConfig), initialised from `seed` as
+      a model built with `nnx.Rngs(seed)` has them: A random, B zero, so the model computes what the folder's does.
   """
   folder = resolve_folder(path)
   hf = read_config(folder)
   cfg = config_from_hf(hf)
   param_dtype = resolve_dtype(dtype, hf)
   compute = resolve_dtype(compute_dtype, hf) if compute_dtype is not None else param_dtype
-  model = nnx.eval_shape(lambda: Transformer(cfg, param_dtype=param_dtype, dtype=compute, remat=remat,
-                                             attention=attention, rngs=nnx.Rngs(0)))
+  make = lambda rngs: Transformer(cfg, param_dtype=param_dtype, dtype=compute, remat=remat, attention=attention,
+                                  lora=lora, rngs=rngs)
+  model = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
   load_params(model, folder, mesh=mesh)
+  if lora is not None:
+    # The adapters of a whole model built from `seed`: XLA drops the base weights' initialisation, never used.
+    out = (shd.module_shardings(mesh, model, lora_lib.ADAPTERS) if mesh is not None else
+           SingleDeviceSharding(jax.devices()[0]))
+    adapters = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make(nnx.Rngs(seed)), lora_lib.ADAPTERS)),
+                       out_shardings=out)()
+    state = nnx.state(model, lora_lib.ADAPTERS)
+    nnx.replace_by_pure_dict(state, adapters)
+    nnx.update(model, state)
   return model
 
 
@@ -311,7 +340,8 @@ def _host_array(value) -> np.ndarray:
 def save_pretrained(model: Transformer, path: str, tokenizer=None, *, dtype: str | None = None,
                     max_shard_size: int = DEFAULT_SHARD_BYTES) -> str:
   """Writes an HF folder (config.json, safetensors shards with an index when above `max_shard_size`,
-  tokenizer files when given) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+  tokenizer files when given) that `transformers.AutoModelForCausalLM.from_pretrained` loads. A LoRA model's
+  adapters are merged into their kernels (`save_adapter` writes them apart, as PEFT does).
 
   The folder is written beside `path` and moved into place at the end, so an interrupted export never
   leaves a half-written model where a finished one was.
@@ -337,14 +367,14 @@ def save_pretrained(model: Transformer, path: str, tokenizer=None, *, dtype: str
       size = 0
     groups[-1].append(entry)
     size += nbytes
-  values = dict(flat)
+  values = _export_values(model, flat)
   cache: dict[str, np.ndarray] = {}
 
   def tensors(group):
     for _, p, idx, _ in group:
       if p not in cache:
         cache.clear()
-        cache[p] = _host_array(values[p].get_value()).astype(out_dtype)
+        cache[p] = _host_array(values[p]()).astype(out_dtype)
       t = cache[p][idx]
       yield t.T if p.endswith("kernel") else t
 
@@ -379,4 +409,55 @@ def save_pretrained(model: Transformer, path: str, tokenizer=None, *, dtype: str
   os.replace(tmp, path)
   if old:
     shutil.rmtree(old)
+  return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# PEFT adapter folders.
+
+PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's own names
+
+
+def adapter_names(cfg: ModelConfig, adapter_path: str) -> str:
+  """The PEFT tensor name template of one of our adapters ("layers.self_attn.q_proj.lora_a"): the kernel's HF name
+  from the family's table with `.weight` -> `.lora_A.weight`, e.g.
+  base_model.model.model.layers.{layer}.self_attn.q_proj.lora_A.weight."""
+  module, which = adapter_path.rsplit(".", 1)
+  kernel = FAMILIES[cfg.model_type].WEIGHT_NAMES[module + ".kernel"]
+  return PEFT_PREFIX + kernel.removesuffix(".weight") + {"lora_a": ".lora_A.weight", "lora_b": ".lora_B.weight"}[which]
+
+
+def save_adapter(model: Transformer, path: str, *, base_model: str, dtype: str | None = None) -> str:
+  """Writes a LoRA model's adapters as a PEFT folder (adapter_config.json, adapter_model.safetensors) that
+  `peft.PeftModel.from_pretrained(base, path)` loads onto the base model: lora_A.weight [rank, in] and
+  lora_B.weight [out, rank] per layer (our A [in, rank] and B [rank, out], transposed). `base_model` goes into
+  adapter_config.json's base_model_name_or_path. Written beside `path` and moved into place, like
+  `save_pretrained`; on several processes every process must call it, only process 0 writes."""
+  if model.lora is None:
+    raise ValueError("save_adapter: the model has no LoRA adapters (student.lora.rank is 0)")
+  flat = [(".".join(map(str, k)), v) for k, v in nnx.to_flat_state(nnx.state(model, lora_lib.ADAPTERS))]
+  out_dtype = np.dtype(resolve_dtype(dtype)) if dtype else np.dtype(flat[0][1].get_value().dtype)
+  specs, arrays = [], []
+  for p, var in flat:  # adapters are small: all of them on the host at once
+    value = _host_array(var.get_value()).astype(out_dtype)
+    for idx, name in hf_entries(adapter_names(model.cfg, p), value.shape):
+      specs.append((name, out_dtype, value[idx].T.shape))
+      arrays.append(value[idx].T)
+  lora = model.lora
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": lora.rank,
+            "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": lora.modules(), "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {},
+            "alpha_pattern": {}}
+  if jax.process_index() != 0:
+    return path
+  parent = os.path.dirname(os.path.abspath(path)) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
+  write_file(os.path.join(tmp, "adapter_model.safetensors"), specs, arrays)
+  with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.replace(tmp, path)
   return path

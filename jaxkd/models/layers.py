@@ -13,14 +13,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from jaxkd.models import lora as lora_lib
 from jaxkd.models.config import ModelConfig, RopeConfig, yarn_attention_factor
 from jaxkd.sharding import constrain
 
 
-def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
+def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes, kind=nnx.Param) -> nnx.Param:
   value = init(rngs.params(), shape, dtype) if rngs is not None else init(None, shape, dtype)
-  return nnx.Param(value, axes=tuple(axes))
+  return kind(value, axes=tuple(axes))
+
+
+def split_key(key, n: int) -> tuple:
+  """n keys from `key`, or n Nones without one (no dropout: evaluation, sampling)."""
+  return tuple(jax.random.split(key, n)) if key is not None else (None,) * n
 
 
 def _normal(std):
@@ -32,20 +39,38 @@ def _const(c):
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel (+ bias); kernel is [in, out] (HF stores [out, in]: the loader transposes)."""
+  """y = x @ kernel (+ bias); kernel is [in, out] (HF stores [out, in]: the loader transposes).
+
+  With `lora` (jaxkd.models.lora), a low-rank adapter beside the kernel: y += alpha / rank * dropout(x) @ A @ B,
+  A [in, rank] sharded like the kernel's input axis, B [rank, out] like its output axis.
+  """
 
   def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], bias: bool, stack=(), std=0.02,
-               param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, dtype=jnp.float32, lora: lora_lib.LoraConfig | None = None,
+               rngs: nnx.Rngs):
     shape_stack, axes_stack = tuple(stack), ("layers",) * len(stack)
     self.kernel = _param(rngs, _normal(std), (*shape_stack, d_in, d_out), param_dtype, (*axes_stack, *axes))
     self.bias = (_param(rngs, _const(0.0), (*shape_stack, d_out), param_dtype, (*axes_stack, axes[1]))
                  if bias else None)
+    r = lora.rank if lora is not None else 0
+    self.lora_a = (_param(rngs, lora_lib.a_init, (*shape_stack, d_in, r), param_dtype,
+                          (*axes_stack, axes[0], "lora_rank"), kind=lora_lib.ADAPTERS) if r else None)
+    self.lora_b = (_param(rngs, _const(0.0), (*shape_stack, r, d_out), param_dtype,
+                          (*axes_stack, "lora_rank", axes[1]), kind=lora_lib.ADAPTERS) if r else None)
+    self.lora = lora
     self.dtype = dtype
 
-  def __call__(self, x):
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+  def __call__(self, x, dropout_key=None):
+    """`dropout_key`: the adapter's dropout key while training; None (evaluation, sampling) drops nothing."""
+    x = x.astype(self.dtype)
+    y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora_a is not None:  # PEFT's order: base(x) + B(A(dropout(x))) * scale
+      h = lora_lib.dropout(x, self.lora.dropout, dropout_key)
+      h_xR = jnp.einsum("...i,ir->...r", h, self.lora_a[...].astype(self.dtype))
+      y = y + jnp.einsum("...r,ro->...o", h_xR, self.lora_b[...].astype(self.dtype)) * self.lora.scale
+      y = checkpoint_name(y, lora_lib.REMAT_NAME)
     return y
 
 
