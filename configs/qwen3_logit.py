@@ -10,17 +10,15 @@ cut before the softmax, so they carry no probability. Qwen3-1.7B ties its output
 Qwen3-8B does not.
 """
 
-from jaxkd.config_base import base_config, hub_defaults
+import os
+
+from jaxkd import config_base
 
 
 def get_config():
-  c = hub_defaults(base_config())
+  # The Qwen2 pair's config, one place for every setting the two share.
+  c = config_base.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen2_logit.py"))
   c.workdir = "workdir/qwen3_logit"
   c.student.path = "Qwen/Qwen3-1.7B"
   c.teacher.path = "Qwen/Qwen3-8B"
-  c.distill.kind = "forward_kl"
-  c.distill.temperature = 2.0
-  c.distill.alpha = 0.5
-  c.distill.chunk_size = 2048
-  c.optimizer.weight_decay = 0.0
   return c
