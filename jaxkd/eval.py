@@ -4,6 +4,8 @@ the share of checkable questions it answers right.
   python -m jaxkd.eval --model workdir/tiny_logit/export --data held_out.jsonl [--teacher DIR]
   python -m jaxkd.eval --task answers --model workdir/tiny_logit/export [--data FILE] [--limit 64]
   python -m jaxkd.eval --task function_calling --model DIR [--data FILE] [--chat_template NAME] [--limit 64]
+  python -m jaxkd.eval --task mc --model DIR --data mmlu.jsonl [--doc_to_text mmlu] [--num_fewshot 5]
+  python -m jaxkd.eval --task gen --model DIR --data gsm8k.jsonl [--num_fewshot 5] [--limit 100]
 
 --task loss: the data file (any format the training pipeline reads) is rendered with the model's chat
 template and scored on the tokens training would train on (assistant turns by default); every row is used
@@ -12,7 +14,9 @@ once. --task answers: the model answers greedily every question of the data whos
 scored), by default the bundled chats' held-out rows. --task function_calling: the model writes every assistant
 turn of the data's tool conversations (OpenAI layout, xLAM, Glaive; by default the bundled chats' held-out
 ones that call tools), and its calls are checked as the Berkeley Function Calling Leaderboard's AST checker
-does (`jaxkd.function_calling`).
+does (`jaxkd.function_calling`). --task mc / gen: a local JSONL benchmark file scored as lm-evaluation-harness
+scores it (multiple-choice acc and acc_norm; GSM8K-style exact_match), see jaxkd/benchmarks.py for the row
+layouts and prompts.
 """
 
 import json
@@ -20,10 +24,11 @@ import json
 from absl import app, flags
 from absl import logging as absl_logging
 
-TASKS = ("loss", "answers", "function_calling")
+TASKS = ("loss", "answers", "function_calling", "mc", "gen")
 flags.DEFINE_enum("task", "loss", TASKS, "loss: held-out loss and token metrics; answers: the share of checkable "
                   "questions answered right by greedy generation; function_calling: the share of tool-calling "
-                  "turns whose calls are right (BFCL's AST check).")
+                  "turns whose calls are right (BFCL's AST check); mc: multiple-choice acc / acc_norm; gen: "
+                  "GSM8K-style exact_match.")
 flags.DEFINE_string("model", None, "An HF model folder (e.g. workdir/RUN/export).", required=True)
 flags.DEFINE_multi_string("data", None, "Data file(s) or hub dataset name(s); --task answers and "
                           "function_calling default to the bundled chats' held-out rows.")
@@ -31,10 +36,21 @@ flags.DEFINE_string("teacher", None, "Optional teacher folder: adds agreement, K
 flags.DEFINE_string("format", "auto", "Data format: auto, sharegpt, messages, alpaca, prompt_completion, text.")
 flags.DEFINE_string("split", "train", "The split of the data files to score.")
 flags.DEFINE_integer("seq_len", 1024, "Tokens per packed row.")
-flags.DEFINE_integer("batch_size", None, "Rows per batch (--task loss, default 8) or prompts per generated batch "
-                     "(--task answers, function_calling: default 32).")
+flags.DEFINE_integer("batch_size", None, "Rows per batch (--task loss, default 8; --task mc, default 32) or "
+                     "prompts per generated batch (--task answers, function_calling, gen: default 32).")
 flags.DEFINE_integer("max_new_tokens", 64, "--task answers, function_calling: tokens generated per answer at most.")
-flags.DEFINE_integer("limit", None, "--task answers, function_calling: only the first N questions (turns).")
+flags.DEFINE_integer("limit", None, "--task answers, function_calling, mc, gen: only the first N questions (turns, "
+                     "rows).")
+flags.DEFINE_string("doc_to_text", "auto", "--task mc/gen: the prompt, a name in jaxkd.benchmarks.PROMPTS (mmlu, "
+                    "mmlu_pro, arc, hellaswag, query, bbh, gsm8k), 'auto' (by the rows' layout) or a Jinja template "
+                    "over a row's fields, as in lm-eval's task YAML.")
+flags.DEFINE_string("fewshot_data", None, "--task mc/gen: the JSONL file few-shot examples come from (lm-eval's "
+                    "few-shot split: MMLU's dev, GSM8K's train); default the --data file (never the row itself).")
+flags.DEFINE_integer("num_fewshot", None, "--task mc/gen: few-shot examples from the file (default: the prompt's).")
+flags.DEFINE_enum("fewshot_sampler", None, ["default", "first_n"], "--task mc/gen: lm-eval's few-shot sampler "
+                  "(default: the prompt's).")
+flags.DEFINE_multi_string("until", None, "--task gen: stop strings (default GSM8K's: Question:, </s>, <|im_end|>).")
+flags.DEFINE_integer("max_gen_toks", 256, "--task gen: tokens generated at most (lm-eval's default).")
 flags.DEFINE_float("temperature", 1.0, "Temperature of the reported KD divergence.")
 flags.DEFINE_string("dtype", "float32", "Parameter and compute dtype: float32 or bfloat16.")
 flags.DEFINE_string("output", None, "Also write the metrics as JSON here.")
@@ -233,6 +249,19 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # JAX and datasets log their start-up at INFO
   f = flags.FLAGS
+  if f.task in ("mc", "gen"):
+    from jaxkd import benchmarks  # pylint: disable=import-outside-toplevel
+    if not f.data or len(f.data) != 1 or f.teacher:
+      raise app.UsageError(f"--task {f.task} takes one --data JSONL file and no --teacher")
+    common = dict(data_path=f.data[0], fewshot_path=f.fewshot_data, prompt=f.doc_to_text, num_fewshot=f.num_fewshot,
+                  limit=f.limit, fewshot_sampler=f.fewshot_sampler, batch_size=f.batch_size or 32, dtype=f.dtype)
+    out = (benchmarks.multiple_choice(f.model, **common) if f.task == "mc" else
+           benchmarks.generative(f.model, until=f.until, max_gen_toks=f.max_gen_toks, **common))
+    print(benchmarks.summary(out))
+    if f.output:
+      with open(f.output, "w") as fh:
+        json.dump(out, fh, indent=2)
+    return
   if f.task == "function_calling":
     if f.teacher:
       raise app.UsageError("--teacher is for --task loss; run --task function_calling once per model")
