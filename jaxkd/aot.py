@@ -207,8 +207,7 @@ def report_capture(c) -> int:
   mesh = program.make_mesh(c, devices)
   lc = step_lib.loss_config(c)
   toks = program.load_tokenizers(c, dataclasses.replace(lc, cached=False), presets_ok=True)
-  teacher = program.load_model(c.teacher, dtype=c.teacher.dtype, compute_dtype=c.teacher.dtype, remat="none",
-                               attention=c.teacher.attention, mesh=mesh, abstract=True)
+  teacher = program.load_teacher(c, mesh, abstract=True)
   t_def, t_state = nnx.split(teacher)
   t_sh = shd.module_shardings(mesh, teacher)
   keys = ("input_ids", "segment_ids", "positions")

@@ -28,6 +28,7 @@ from jaxkd import checkpoint as ckpt_lib
 from jaxkd import config_base, data, generate, hidden, models, on_policy, optim, signals, step as step_lib, tiny
 from jaxkd import sharding as shd
 from jaxkd.models import presets
+from jaxkd.models import quantize as quantize_lib
 
 
 def make_mesh(c, devices=None):
@@ -106,19 +107,27 @@ def _preset(side) -> dict | None:
     return presets.PRESETS[side.path]
 
 
-def load_model(side, *, dtype: str, compute_dtype: str, remat: str, attention: str, mesh, abstract: bool):
+def load_model(side, *, dtype: str, compute_dtype: str, remat: str, attention: str, mesh, abstract: bool,
+               quantize: str = ""):
   """One model of the run: read and placed on `mesh`, or (abstract) its shapes from config.json alone (from
-  jaxkd.models.presets for a known hub id that is not on this machine)."""
+  jaxkd.models.presets for a known hub id that is not on this machine); `quantize`: see jaxkd.models.quantize."""
   preset = _preset(side) if abstract else None
   if preset is None:
     folder = model_folder(side)
     if not abstract:
       return models.from_pretrained(folder, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat,
-                                    attention=attention)
+                                    attention=attention, quantize=quantize)
   cfg = models.config_from_hf(preset if preset is not None else models.read_config(model_folder(side)))
   pd, cd = models.hf_io.resolve_dtype(dtype), models.hf_io.resolve_dtype(compute_dtype)
-  return nnx.eval_shape(lambda: models.Transformer(cfg, param_dtype=pd, dtype=cd, remat=remat, attention=attention,
-                                                   rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: models.Transformer(cfg, param_dtype=pd, dtype=cd, remat=remat, attention=attention,
+                                                    rngs=nnx.Rngs(0)))
+  return quantize_lib.quantize(model, quantize)
+
+
+def load_teacher(c, mesh, *, abstract: bool):
+  """The teacher model of run config `c` (train, capture and their ahead-of-time compiles load it alike)."""
+  return load_model(c.teacher, dtype=c.teacher.dtype, compute_dtype=c.teacher.dtype, remat="none",
+                    attention=c.teacher.attention, mesh=mesh, abstract=abstract, quantize=c.teacher.quantize)
 
 
 def load_models(c, mesh, lc: step_lib.LossConfig, *, abstract_student: bool, abstract_teacher: bool = False):
@@ -128,8 +137,7 @@ def load_models(c, mesh, lc: step_lib.LossConfig, *, abstract_student: bool, abs
                          remat=c.student.remat, attention=c.student.attention, mesh=mesh, abstract=abstract_student)
     teacher = None
     if lc.uses_teacher and not lc.cached:
-      teacher = load_model(c.teacher, dtype=c.teacher.dtype, compute_dtype=c.teacher.dtype, remat="none",
-                           attention=c.teacher.attention, mesh=mesh, abstract=abstract_teacher)
+      teacher = load_teacher(c, mesh, abstract=abstract_teacher)
   return student, teacher
 
 
