@@ -88,7 +88,8 @@ def quantize_value(value: jax.Array, kernel_axes) -> tuple[jax.Array, jax.Array]
   return jax.jit(quantize_kernel, out_shardings=(sharding, scale_sharding))(value)
 
 
-def _quantized(linear: Linear) -> QLinear:
+def quantize_linear(linear: Linear) -> QLinear:
+  """The QLinear of `linear` (abstract for an abstract one)."""
   var = linear.kernel
   axes = var.get_metadata()["axes"]
   value = var.get_value()
@@ -114,7 +115,7 @@ def quantize(model, mode: str):
     for name in names:
       linear = getattr(block_part, name)
       if isinstance(linear, Linear):
-        setattr(block_part, name, _quantized(linear))
+        setattr(block_part, name, quantize_linear(linear))
   return model
 
 
