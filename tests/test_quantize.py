@@ -2,13 +2,15 @@
 held-out distribution against the float teacher's (and a broken quantisation failing that bound), the loader's
 placement, and the keys that turn it on."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxkd import config_base, data, models, program, sharding as shd
+from jaxkd import checkpoint as ckpt_lib, config_base, data, models, program, sharding as shd
 from jaxkd import step as step_lib
 from jaxkd.models import quantize
 from jaxkd.models.layers import Linear
@@ -52,8 +54,9 @@ def test_quantized_linear_is_dequantise_then_matmul(dtype, rtol):
   x = rng.normal(size=(2, 5, 48)).astype(np.float32)
   bias = np.asarray(linear.bias[...])
   for layer in range(3):  # as the scanned stack runs it: one layer's slice
-    one = quantize.QLinear(nnx.Param(jnp.asarray(q[layer])), quantize.Scale(jnp.asarray(s[layer])),
-                           nnx.Param(jnp.asarray(bias[layer])), dtype, jnp.float32)
+    one = quantize.QLinear(nnx.Param(jnp.asarray(q[layer]), axes=("embed", "mlp")),
+                           quantize.Scale(jnp.asarray(s[layer]), axes=(None, "mlp")),
+                           nnx.Param(jnp.asarray(bias[layer]), axes=("mlp",)), dtype, jnp.float32)
     got = np.asarray(one(jnp.asarray(x)).astype(jnp.float32), np.float64)
     x_ref = np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32), np.float64)  # the input as computed
     want = x_ref @ (q[layer].astype(np.float64) * s[layer]) + bias[layer].astype(np.float64)
@@ -172,3 +175,24 @@ def test_the_abstract_program_holds_an_int8_teacher():
 def test_bad_quantize_keys_are_refused(overrides, match):
   with pytest.raises(config_base.ConfigError, match=match):
     config_base.validate(load_config("tiny_logit", **overrides))
+
+
+def test_fsdp_gathers_the_int8_weights_not_their_dequantised_copies():
+  """On 8 devices (FSDP) each matmul gathers its weight whole: the int8 teacher's are gathered as int8 and dequantised
+  after, not dequantised shard by shard and gathered as floats (what XLA does unless told)."""
+  c = load_config("tiny_logit", **{"teacher.quantize": "int8"})
+  mesh = program.make_mesh(c)
+  with jax.set_mesh(mesh):
+    teacher = program.load_teacher(c, mesh, abstract=True)
+  graphdef, state = nnx.split(teacher)
+  params = ckpt_lib.abstract_like(nnx.to_pure_dict(state), shd.module_shardings(mesh, teacher))
+  ids = jax.ShapeDtypeStruct((8, 128), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, shd.BATCH_SPEC))
+  forward = jax.jit(lambda params, ids: nnx.merge(graphdef, params).forward(ids, compute_logits=False).last_hidden)
+  with jax.set_mesh(mesh):
+    hlo = forward.lower(params, ids).compile().as_text()
+  kernels = {tuple(getattr(getattr(teacher.layers, part), name).kernel.shape[-2:])
+             for part, names in quantize.TARGETS.items() for name in names}
+  gathered = [(dtype, tuple(int(d) for d in dims.split(",")))
+              for dtype, dims in re.findall(r"= (\w+)\[([\d,]+)\][^=]*? all-gather(?:-start)?\(", hlo)]
+  weights = [(dtype, dims) for dtype, dims in gathered if dims[-2:] in kernels]
+  assert weights and all(dtype == "s8" for dtype, _ in weights), gathered

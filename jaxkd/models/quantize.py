@@ -7,10 +7,11 @@ replace, so the one table in `jaxkd.sharding` places them and the scanned stack 
 matmul dequantises on the fly (`int8 -> float32 * scale -> compute dtype`, which XLA fuses into the dot's operand):
 int8 in HBM, bf16 or float32 arithmetic.
 
-The embedding table and the output head stay in the compute dtype. The head's rounding goes straight into the logits
-the student learns from, and the fused loss takes the head as a dense [D, V] array, so an int8 head would come back
-as a dequantised temporary of the same size each step; the embedding's int8 error cost as much held-out KL as the
-head's and more at the worst token. BENCHMARKS.md ("An int8 teacher") has the figures.
+The embedding table and the output head stay in the compute dtype. On the bundled teacher's held-out tokens an int8
+head adds a quarter to the mean KL from the float teacher and an int8 embedding three fifths, and quadruples the worst
+token's (BENCHMARKS.md, "An int8 teacher"); the head's rounding goes straight into the logits the student learns from,
+and the fused loss takes the head as a dense [D, V] array, so an int8 head would come back as a dequantised temporary
+of its bf16 size each step. Together they are 3% (Llama-3.1-70B) to 14% (Qwen2-7B) of a teacher's weights.
 
 The numerics are qwix's (`qwix.quantize`, `qwix.dequantize`: Google's JAX quantization library): its model-level PTQ
 intercepts the matmuls of a module's own parameters, which the scanned decoder never exposes (each layer is a fresh
@@ -54,12 +55,24 @@ class QLinear(nnx.Module):
     self.float_dtype = float_dtype  # the replaced kernel's: a loader reads the checkpoint's weight in it
 
   def __call__(self, x):
+    # Gathered whole over the mesh axes that also split the batch (FSDP), as XLA gathers a float weight for its
+    # matmul, but as int8, and dequantised after: left to itself, XLA dequantises each shard (the scales split with
+    # the output channels) and gathers the bf16 product, twice the bytes on the wire and in the gathered copy.
+    axes_IxO = _gathered(self.kernel.get_metadata()["axes"][-2:])
+    kernel_IxO = shd.constrain(self.kernel[...], axes_IxO)
+    scale_1xO = shd.constrain(self.scale[...], (None, axes_IxO[1]))
     # Dequantised in float32 and rounded once to the compute dtype: a bf16 scale would add its own rounding.
-    w_IxO = qwix.dequantize(qwix.QArray(self.kernel[...], self.scale[...], qtype=jnp.int8)).astype(self.dtype)
+    w_IxO = qwix.dequantize(qwix.QArray(kernel_IxO, scale_1xO, qtype=jnp.int8)).astype(self.dtype)
     y = jnp.einsum("...i,io->...o", x.astype(self.dtype), w_IxO)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+def _gathered(axes) -> tuple:
+  """Logical `axes` without those split over the batch's mesh axes: the layout a matmul gathers a weight to."""
+  batch = set(shd.mesh_axes_of("act_batch"))
+  return tuple(None if a is not None and set(shd.mesh_axes_of(a)) & batch else a for a in axes)
 
 
 def quantize_kernel(kernel_IxO: jax.Array) -> tuple[jax.Array, jax.Array]:
