@@ -5,7 +5,7 @@ kernel `[layers, in, out]` int8 and scale `[layers, 1, out]` float32 (absmax / 1
 kernel * scale is the weight within half a step), both parameters with the logical axes of the weight they
 replace, so the one table in `jaxkd.sharding` places them and the scanned stack slices them like any weight. The
 matmul dequantises on the fly (`int8 -> float32 * scale -> compute dtype`, which XLA fuses into the dot's operand):
-int8 in HBM, bf16 or float32 arithmetic.
+int8 in HBM and over FSDP's weight gathers, bf16 or float32 arithmetic.
 
 The embedding table and the output head stay in the compute dtype. On the bundled teacher's held-out tokens an int8
 head adds a quarter to the mean KL from the float teacher and an int8 embedding three fifths, and quadruples the worst
@@ -39,7 +39,7 @@ def mode_problem(mode: str) -> str:
   """Why `mode` is no quantisation mode, or ""."""
   if mode in MODES:
     return ""
-  return (f"unknown; use \"int8\" (weight-only int8 with a scale per output channel for the teacher's linear layers) "
+  return ("unknown; use \"int8\" (weight-only int8 with a scale per output channel for the teacher's linear layers) "
           "or \"\" (off)")
 
 
@@ -56,8 +56,8 @@ class QLinear(nnx.Module):
 
   def __call__(self, x):
     # Gathered whole over the mesh axes that also split the batch (FSDP), as XLA gathers a float weight for its
-    # matmul, but as int8, and dequantised after: left to itself, XLA dequantises each shard (the scales split with
-    # the output channels) and gathers the bf16 product, twice the bytes on the wire and in the gathered copy.
+    # matmul, but as int8 (kernel and scales), and dequantised after: left to itself, XLA dequantises each shard and
+    # gathers the float product, twice the bytes on the wire and in the gathered copy.
     axes_IxO = _gathered(self.kernel.get_metadata()["axes"][-2:])
     kernel_IxO = shd.constrain(self.kernel[...], axes_IxO)
     scale_1xO = shd.constrain(self.scale[...], (None, axes_IxO[1]))
