@@ -69,8 +69,7 @@ def main():
           f"{temporaries / GIB:.2f} | {total / GIB:.2f} |")
   saved = rows[0][3] - rows[1][3]
   print(f"int8 saves {saved / GIB:.3f} GiB of arguments (the parameter shapes say {expected / GIB:.3f}) and "
-        f"{(rows[0][5] - rows[1][5]) / GIB:+.3f} GiB of temporaries; total {(rows[0][6] - rows[1][6]) / GIB:.3f} GiB "
-        "less")
+        f"{(rows[0][5] - rows[1][5]) / GIB:.3f} GiB of temporaries: {(rows[0][6] - rows[1][6]) / GIB:.3f} GiB in all")
 
 
 if __name__ == "__main__":
