@@ -212,8 +212,7 @@ def report_capture(c) -> int:
   mesh = program.make_mesh(c, devices)
   lc = step_lib.loss_config(c)
   toks = program.load_tokenizers(c, dataclasses.replace(lc, cached=False), presets_ok=True)
-  teacher = program.load_model(c.teacher, dtype=c.teacher.dtype, compute_dtype=c.teacher.dtype, remat="none",
-                               attention=c.teacher.attention, mesh=mesh, abstract=True)
+  teacher = program.load_teacher(c, mesh, abstract=True)
   t_def, t_state = nnx.split(teacher)
   t_sh = shd.module_shardings(mesh, teacher)
   keys = ("input_ids", "segment_ids", "positions")
@@ -327,13 +326,18 @@ def _on_the_line(seen: dict[int, tuple[bool, float]], limit: float, lo: int, hi:
 
 def _advice(c, *, training: bool = True) -> str:
   """What to change, from what the config already has (a remat it uses is not suggested again)."""
+  from jaxkd import step as step_lib  # pylint: disable=import-outside-toplevel
+
+  lc = step_lib.loss_config(c)
+  int8 = (", hold the teacher in int8 (teacher.quantize=\"int8\")"
+          if lc.uses_teacher and not lc.cached and not c.teacher.quantize else "")
   if not training:  # the capture: a forward pass and one chunk of logits
-    return ("  to fit: lower data.batch_size or distill.chunk_size, keep the teacher in bfloat16 (teacher.dtype), or "
-            "take a larger slice")
+    return (f"  to fit: lower data.batch_size or distill.chunk_size, keep the teacher in bfloat16 (teacher.dtype){int8}, "
+            "or take a larger slice")
   order = transformer_lib.REMAT_BY_COST
   more = [p for p in order[order.index(c.student.remat) + 1:]] if c.student.remat in order else []
   remat = f", set student.remat to {' or '.join(dict.fromkeys([more[0], more[-1]]))} (now {c.student.remat})" \
       if more else ""
   return (f"  to fit: lower data.batch_size (or raise optimizer.micro_batches, now {c.optimizer.micro_batches}: the "
-          f"same batch in smaller pieces){remat}, lower distill.chunk_size (now {c.distill.chunk_size}), or take a "
-          "larger slice")
+          f"same batch in smaller pieces){remat}, lower distill.chunk_size (now {c.distill.chunk_size}){int8}, or "
+          "take a larger slice")

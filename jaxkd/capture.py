@@ -61,8 +61,7 @@ def capture(c) -> int:
     raise config_base.ConfigError("a capture stores the teacher's log-probs for logit distillation: set distill.kind "
                                   "to a logit divergence and distill.alpha > 0")
   toks = program.load_tokenizers(c, lc)
-  teacher = program.load_model(c.teacher, dtype=c.teacher.dtype, compute_dtype=c.teacher.dtype, remat="none",
-                               attention=c.teacher.attention, mesh=mesh, abstract=False)
+  teacher = program.load_teacher(c, mesh, abstract=False)
   vocab = int(c.distill.vocab_size or len(toks.student))
   rows = int(c.capture.rows or c.steps * c.data.batch_size)
   batches = -(-rows // c.data.batch_size)

@@ -14,7 +14,7 @@ import ml_collections
 from jaxkd import distributed, hidden, losses, optim, sharding, step
 from jaxkd.data import config as data_config
 from jaxkd.models import attention as attention_lib
-from jaxkd.models import hf_io
+from jaxkd.models import hf_io, quantize
 from jaxkd.models import lora as lora_lib
 from jaxkd.models import transformer as transformer_lib
 
@@ -63,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   # A folder made by `python -m jaxkd.capture` (the teacher's top-k log-probs over this run's data): the run then
   # loads no teacher model and distils from it (jaxkd/teacher_cache). "" runs the teacher beside the student.
   c.teacher.cache = ""
+  # "int8": the teacher's decoder linear layers (q, k, v, o, gate, up, down) held as int8 with a float32 scale per
+  # output channel, quantised as they are read and dequantised inside each matmul (jaxkd/models/quantize.py): about
+  # half a bf16 teacher's HBM, at a held-out KL from it measured in BENCHMARKS.md ("An int8 teacher"). "": off.
+  c.teacher.quantize = ""
 
   c.distill = ml_collections.ConfigDict()
   c.distill.kind = "forward_kl"  # forward_kl | reverse_kl | jsd | tvd | skew_kl
@@ -333,6 +337,9 @@ def validate(c) -> None:
   need(c.capture.logprob_step > 0, "capture.logprob_step", "must be > 0 (nats, e.g. 0.0625)")
   need(c.distill.missing_mass in losses.MISSING_MASS, "distill.missing_mass",
        f"use one of {', '.join(losses.MISSING_MASS)}")
+  need(not quantize.mode_problem(c.teacher.quantize), "teacher.quantize", quantize.mode_problem(c.teacher.quantize))
+  need(not (c.teacher.quantize and c.teacher.cache), "teacher.quantize",
+       "quantises the teacher model, but teacher.cache loads none (the cache holds its log-probs already); unset one")
   if c.teacher.cache:
     need(c.distill.kind in losses.KD_KINDS and c.distill.hidden.weight == 0, "teacher.cache",
          "holds the teacher's log-probs, for logit distillation only: hidden-state distillation needs the model")

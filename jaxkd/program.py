@@ -29,6 +29,7 @@ from jaxkd import config_base, data, generate, hidden, models, on_policy, optim,
 from jaxkd import sharding as shd
 from jaxkd.models import lora as lora_lib
 from jaxkd.models import presets
+from jaxkd.models import quantize as quantize_lib
 
 
 def make_mesh(c, devices=None):
@@ -108,20 +109,27 @@ def _preset(side) -> dict | None:
 
 
 def load_model(side, *, dtype: str, compute_dtype: str, remat: str, attention: str, mesh, abstract: bool,
-               lora: lora_lib.LoraConfig | None = None, seed: int = 0):
+               lora: lora_lib.LoraConfig | None = None, seed: int = 0, quantize: str = ""):
   """One model of the run: read and placed on `mesh`, or (abstract) its shapes from config.json alone (from
   jaxkd.models.presets for a known hub id that is not on this machine); with `lora`, adapters beside its
-  weights (initialised from `seed`)."""
+  weights (initialised from `seed`); `quantize`: see jaxkd.models.quantize."""
   preset = _preset(side) if abstract else None
   if preset is None:
     folder = model_folder(side)
     if not abstract:
       return models.from_pretrained(folder, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat,
-                                    attention=attention, lora=lora, seed=seed)
+                                    attention=attention, lora=lora, seed=seed, quantize=quantize)
   cfg = models.config_from_hf(preset if preset is not None else models.read_config(model_folder(side)))
   pd, cd = models.hf_io.resolve_dtype(dtype), models.hf_io.resolve_dtype(compute_dtype)
-  return nnx.eval_shape(lambda: models.Transformer(cfg, param_dtype=pd, dtype=cd, remat=remat, attention=attention,
-                                                   lora=lora, rngs=nnx.Rngs(seed)))
+  model = nnx.eval_shape(lambda: models.Transformer(cfg, param_dtype=pd, dtype=cd, remat=remat, attention=attention,
+                                                    lora=lora, rngs=nnx.Rngs(seed)))
+  return quantize_lib.quantize(model, quantize)
+
+
+def load_teacher(c, mesh, *, abstract: bool):
+  """The teacher model of run config `c` (train, capture and their ahead-of-time compiles load it alike)."""
+  return load_model(c.teacher, dtype=c.teacher.dtype, compute_dtype=c.teacher.dtype, remat="none",
+                    attention=c.teacher.attention, mesh=mesh, abstract=abstract, quantize=c.teacher.quantize)
 
 
 def load_models(c, mesh, lc: step_lib.LossConfig, *, abstract_student: bool, abstract_teacher: bool = False):
@@ -134,8 +142,7 @@ def load_models(c, mesh, lc: step_lib.LossConfig, *, abstract_student: bool, abs
                          lora=lora, seed=c.seed)
     teacher = None
     if lc.uses_teacher and not lc.cached:
-      teacher = load_model(c.teacher, dtype=c.teacher.dtype, compute_dtype=c.teacher.dtype, remat="none",
-                           attention=c.teacher.attention, mesh=mesh, abstract=abstract_teacher)
+      teacher = load_teacher(c, mesh, abstract=abstract_teacher)
   return student, teacher
 
 

@@ -7,6 +7,7 @@
 | `checkpoint_every=0`, `steps=0`, `max_to_keep=0`             | `config.checkpoint_every=0: must be >= 1` ... (tests/test_configs.py) |
 | `data.seq_len=1`, `optimizer.lr=-1.0`, `student.path=""`     | `config.data.seq_len=1: must be >= 2` ... (tests/test_configs.py) |
 | `student.attention="flash"`, `teacher.attention="fast"`, `student.remat="some"` | `config.student.attention='flash': use one of auto, xla, cudnn, splash ...` (tests/test_configs.py) |
+| `teacher.quantize="int4"`; `teacher.quantize="int8"` with `teacher.cache` | `config.teacher.quantize='int4': unknown; use "int8" ...`; `... quantises the teacher model, but teacher.cache loads none ...` (tests/test_quantize.py) |
 | a misspelt override (`optimizer.learning_rate`)              | `config.optimizer.learning_rate: no such key ...` (tests/test_configs.py) |
 | `data.batch_size=4` on 8 devices (mesh data x fsdp = 8)       | `config.data.batch_size=4 is not divisible by 8, the mesh's data x fsdp ... use a multiple of 8, or set mesh.fsdp ...` |
 | teacher tokenizer larger than the teacher's vocab (cross-tokenizer) | `the teacher's tokenizer has N tokens but the teacher's vocab dim is M ...` |

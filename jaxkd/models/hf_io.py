@@ -26,6 +26,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from jaxkd import sharding as shd
 from jaxkd.models import llama, lora as lora_lib, qwen2, qwen3, stablelm
+from jaxkd.models import quantize as quantize_lib
 from jaxkd.models.config import ModelConfig, UnsupportedConfigError, torch_dtype_of
 from jaxkd.models.safetensors_io import WeightsError, SafetensorsFile, write_file
 from jaxkd.models.transformer import Transformer
@@ -162,8 +163,10 @@ def _table(cfg: ModelConfig, flat_params) -> dict[str, str]:
 
 
 def _flat_params(model) -> list[tuple[str, Any]]:
-  """(path, Variable) of the parameters a Hugging Face folder holds: all but LoRA adapters."""
-  return [(".".join(map(str, k)), v) for k, v in nnx.to_flat_state(nnx.state(model, lora_lib.BASE))]
+  """(path, Variable) of the parameters a Hugging Face folder holds: all but LoRA adapters and an int8 kernel's
+  scales (made from the kernel, not read)."""
+  return [(".".join(map(str, k)), v) for k, v in nnx.to_flat_state(nnx.state(model, lora_lib.BASE))
+          if not isinstance(v, quantize_lib.Scale)]
 
 
 def _export_values(model, flat) -> dict[str, Any]:
@@ -261,9 +264,12 @@ def load_params(model, folder: str, *, mesh: Mesh | None = None) -> None:
   files = weight_files(folder)
   readers = _check_names_and_shapes(cfg, folder, table, flat, files)
   device = SingleDeviceSharding(jax.devices()[0])
+  int8 = quantize_lib.quantized_kernels(model)
 
   for path, var in flat:
     template, shape, dtype = table[path], tuple(var.shape), np.dtype(var.dtype)
+    if path in int8:  # read as the float model would hold it, then quantised where it lives
+      dtype = np.dtype(int8[path].float_dtype)
     axes = var.get_metadata().get("axes")
     sharding = shd.named_sharding(mesh, axes, shape) if mesh is not None else device
     n_stack, transpose = _stack_dims(template), path.endswith("kernel")
@@ -287,12 +293,16 @@ def load_params(model, folder: str, *, mesh: Mesh | None = None) -> None:
           out[pos] = rows[(slice(None),) + tuple(inner[1:])]
       return out
 
-    var.set_value(jax.make_array_from_callback(shape, sharding, shard))
+    value = jax.make_array_from_callback(shape, sharding, shard)
+    if path in int8:  # only this one float kernel is on the devices beside the int8 ones
+      value, scale = quantize_lib.quantize_value(value, axes)
+      int8[path].scale.set_value(scale)
+    var.set_value(value)
 
 
 def from_pretrained(path: str, *, dtype: Any = "float32", compute_dtype: Any = None, mesh: Mesh | None = None,
                     remat: str = "none", attention: str = "auto", lora: lora_lib.LoraConfig | None = None,
-                    seed: int = 0) -> Transformer:
+                    seed: int = 0, quantize: str = "") -> Transformer:
   """Loads a Qwen2, Qwen3, Llama or StableLM model from a local HF folder (or a cached/downloadable hub id).
 
   Args:
@@ -304,6 +314,8 @@ def from_pretrained(path: str, *, dtype: Any = "float32", compute_dtype: Any = N
     attention: "auto", "xla", "cudnn" or "splash" (see jaxkd.models.attention).
     lora: LoRA adapters to add to the loaded weights (jaxkd.models.lora.LoraConfig), initialised from `seed` as
       a model built with `nnx.Rngs(seed)` has them: A random, B zero, so the model computes what the folder's does.
+    quantize: "int8" stores the decoder's linear layers as int8 with per-channel scales, quantised as they are
+      read (see jaxkd.models.quantize); "" keeps them in `dtype`.
   """
   folder = resolve_folder(path)
   hf = read_config(folder)
@@ -313,6 +325,7 @@ def from_pretrained(path: str, *, dtype: Any = "float32", compute_dtype: Any = N
   make = lambda rngs: Transformer(cfg, param_dtype=param_dtype, dtype=compute, remat=remat, attention=attention,
                                   lora=lora, rngs=rngs)
   model = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+  quantize_lib.quantize(model, quantize)
   load_params(model, folder, mesh=mesh)
   if lora is not None:
     # The adapters of a whole model built from `seed`: XLA drops the base weights' initialisation, never used.
@@ -347,6 +360,9 @@ def save_pretrained(model: Transformer, path: str, tokenizer=None, *, dtype: str
   leaves a half-written model where a finished one was.
   On several processes every process must call it; only process 0 writes.
   """
+  if quantize_lib.is_quantized(model):
+    raise ValueError("save_pretrained: this model's linear layers are int8 (a quantised teacher); export the model "
+                     "it was loaded from instead")
   cfg = model.cfg
   flat = _flat_params(model)
   table = _table(cfg, flat)

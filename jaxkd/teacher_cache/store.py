@@ -120,6 +120,8 @@ def identity(c, tokenizer, rows: int, *, with_teacher: bool = True) -> dict:
     data_keys.pop(key, None)
   teacher = {"path": c.teacher.path, "dtype": c.teacher.dtype,
              "weights": _weights_id(program.model_folder(c.teacher))} if with_teacher else None
+  if teacher and c.teacher.quantize:  # only when set: caches made before the key existed keep their identity
+    teacher["quantize"] = c.teacher.quantize
   return {"teacher": teacher,
           "tokenizer": data.tokenizer_fingerprint(tokenizer),
           "chat_template": hashlib.sha256(str(template).encode()).hexdigest()[:16],
