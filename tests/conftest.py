@@ -7,8 +7,13 @@ import os
 # compares with each other (resume, several processes) all inherit the same flags.
 # On a GPU or TPU (JAX_PLATFORMS=cuda or tpu, for the kernel tests) the flag is left out.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The simulated devices of one process meet in each collective; XLA aborts the process when one of them is 40 s
+# late, which a 2-core machine running the suite beside several test processes reached (a 4-device run, killed
+# in an all-reduce). Ten minutes still catches a real deadlock.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           + (" --xla_backend_optimization_level=0" if os.environ["JAX_PLATFORMS"] == "cpu" else ""))
+                           + (" --xla_backend_optimization_level=0"
+                              " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+                              if os.environ["JAX_PLATFORMS"] == "cpu" else ""))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Compiled steps are reused across tests and the subprocesses they start (compiling dominates test time).
