@@ -26,7 +26,7 @@ after the imports is printed beside it), and on a GPU also the device's peak (`t
 jax's `memory_stats()["peak_bytes_in_use"]`). The two sides run back to back --pairs times; every pair is a row of
 BENCHMARKS.md ("Against PyTorch") with the command, the commit and the machine's load.
 
-    python scripts/bench_vs_torch.py                                   # the issue's shapes: Qwen2 vocab, 2 x 1024 tokens
+    python scripts/bench_vs_torch.py                                   # issue 20's shapes: Qwen2 vocab, 2 x 1024 tokens
     python scripts/bench_vs_torch.py --device cuda --dtype bfloat16    # on a GPU (jax takes its default backend)
     python scripts/bench_vs_torch.py --vocab 512 --seq_len 64 --batch 2 --steps 2 --no_record   # seconds
 
@@ -42,7 +42,6 @@ import json
 import math
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -97,7 +96,8 @@ def hf_config(args, role: str) -> dict:
           "hidden_size": hidden, "intermediate_size": getattr(args, f"{role}_intermediate") or 3 * hidden,
           "num_hidden_layers": getattr(args, f"{role}_layers"), "num_attention_heads": getattr(args, f"{role}_heads"),
           "num_key_value_heads": getattr(args, f"{role}_kv_heads"), "vocab_size": args.vocab,
-          "tie_word_embeddings": bool(args.tie and role == "student"), "max_position_embeddings": max(args.seq_len, 2048),
+          "tie_word_embeddings": bool(args.tie and role == "student"),
+          "max_position_embeddings": max(args.seq_len, 2048),
           "rms_norm_eps": 1e-6, "rope_theta": 1e6, "use_sliding_window": False, "attention_dropout": 0.0,
           "initializer_range": 0.02}
 
@@ -167,12 +167,15 @@ def run_jaxkd(spec: dict) -> dict:
   chunk = min(chunk, batch["input_ids"].size)  # what the fused loss takes: never more than the tokens
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
   runner = bench.Runner(fn, state, t_params, batch, mesh, warmup=spec["warmup"])
+  cpu = []
   for _ in range(spec["steps"]):
+    start = time.process_time()
     runner.step()
+    cpu.append(time.process_time() - start)
   res = runner.result()
   stats = device.memory_stats() or {}
-  return {"step_s": res["step_s"], "step_min_s": res["step_min_s"], "loss": res["loss"],
-          "warmup_s": res["lower_s"] + res["compile_s"], "rss_after_import_gib": after_import,
+  return {"step_s": res["step_s"], "step_min_s": res["step_min_s"], "cpu_s": statistics.median(cpu),
+          "loss": res["loss"], "warmup_s": res["lower_s"] + res["compile_s"], "rss_after_import_gib": after_import,
           "peak_rss_gib": peak_rss_gib(),
           "device_peak_gib": stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None,
           "student_params": count(runner.state.params["student"]), "teacher_params": count(t_params),
@@ -239,18 +242,20 @@ def run_torch(spec: dict) -> dict:
   for _ in range(spec["warmup"]):
     step()
   sync()
-  warmup_s, times = time.perf_counter() - t0, []
+  warmup_s, times, cpu = time.perf_counter() - t0, [], []
   for _ in range(spec["steps"]):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss = float(step())  # .item() waits for the device
     sync()
     times.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - cpu_start)
   if not math.isfinite(loss):
     raise SystemExit(f"the torch step produced a non-finite loss {loss}")
   name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
           f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
   unique = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731  (a tied head counts once)
-  return {"step_s": statistics.median(times), "step_min_s": min(times), "loss": loss, "warmup_s": warmup_s,
+  return {"step_s": statistics.median(times), "step_min_s": min(times), "cpu_s": statistics.median(cpu), "loss": loss,
+          "warmup_s": warmup_s,
           "rss_after_import_gib": after_import, "peak_rss_gib": peak_rss_gib(),
           "device_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
           "student_params": unique(student), "teacher_params": unique(teacher), "batch_shape": list(ids.shape),
@@ -268,7 +273,9 @@ def run_child(side: str, spec: dict) -> dict:
   out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)  # stderr (warnings) passes through
   lines = out.stdout.splitlines()
   if out.returncode != 0 or not lines or not lines[-1].startswith(RESULT):
-    raise SystemExit(f"the {side} side failed (exit {out.returncode}):\n" + "\n".join(lines[-30:]))
+    why = " (killed: out of memory? the PyTorch step holds several [tokens, vocab] float32 arrays)" * (
+        out.returncode == -9)
+    raise SystemExit(f"the {side} side failed (exit {out.returncode}){why}:\n" + "\n".join(lines[-30:]))
   return json.loads(lines[-1][len(RESULT):])
 
 
@@ -299,12 +306,14 @@ KL at temperature tau times tau^2 plus CE, AdamW, eager), the same Qwen2 shapes,
 each, no padding) and objective, each side in its own process, run back to back; one row per pair. Step: median over
 the timed steps after warm-up. Peak RSS: the process's resident high-water mark (getrusage ru_maxrss; host memory,
 imports included). Device peak: torch.cuda.max_memory_allocated and jax's peak_bytes_in_use (GPU only). Speed-up =
-torch step / jaxkd step (goal >= 2); memory ratio = jaxkd peak / torch peak (goal <= 0.33). Load: the 1-minute load
+torch step / jaxkd step (goal >= 2), and the same in process CPU time per step (user + system, median; less
+sensitive to other jobs on a shared CPU); memory ratio = jaxkd peak / torch peak (goal <= 0.33). Load: the 1-minute load
 average before and after the pair (a shared CPU).
 """
 
 HEADER = ["date", "commit", "hardware", "config", "load", "jaxkd step s", "torch step s", "speed-up",
-          "jaxkd peak RSS GiB", "torch peak RSS GiB", "RSS ratio", "device peak GiB jaxkd / torch", "device ratio"]
+          "CPU-time speed-up", "jaxkd peak RSS GiB", "torch peak RSS GiB", "RSS ratio", "device peak GiB jaxkd / torch",
+          "device ratio"]
 
 
 def main(argv=None):
@@ -325,25 +334,26 @@ def main(argv=None):
   pairs = []
   for pair in range(1, args.pairs + 1):
     load_before = os.getloadavg()[0]
-    res = {side: run_child(side, spec) for side in SIDES}
+    res = {}
+    for side in SIDES:  # each printed as it ends: a side that fails (out of memory) leaves the other's figures
+      r = res[side] = run_child(side, spec)
+      dev = "" if r["device_peak_gib"] is None else f"; device peak {r['device_peak_gib']:.3f} GiB"
+      chunk = f", fused-loss chunk {r['chunk']} tokens" if "chunk" in r else ""
+      print(f"{side}: {r['device']}{chunk}; {shapes(r)}; step {r['step_s']:.4g} s (median of {args.steps} after "
+            f"{args.warmup} warm-up, which took {r['warmup_s']:.1f} s; min {r['step_min_s']:.4g}; CPU time "
+            f"{r['cpu_s']:.4g} s); peak RSS {r['peak_rss_gib']:.3f} GiB ({r['rss_after_import_gib']:.3f} after "
+            f"imports){dev}; loss {r['loss']:.4f}", flush=True)
     load_after = os.getloadavg()[0]
     check_same_shapes(res)
     j, t = res["jaxkd"], res["torch"]
-    if pair == 1:
-      print(f"{j['device']}, fused-loss chunk {j['chunk']} tokens; {t['device']}", flush=True)
-    for side in SIDES:
-      r = res[side]
-      dev = "" if r["device_peak_gib"] is None else f"; device peak {r['device_peak_gib']:.3f} GiB"
-      print(f"{side}: {shapes(r)}; step {r['step_s']:.4g} s (median of {args.steps} after {args.warmup} warm-up, "
-            f"which took {r['warmup_s']:.1f} s; min {r['step_min_s']:.4g}); peak RSS {r['peak_rss_gib']:.3f} GiB "
-            f"({r['rss_after_import_gib']:.3f} after imports){dev}; loss {r['loss']:.4f}", flush=True)
     speedup, rss_ratio = t["step_s"] / j["step_s"], j["peak_rss_gib"] / t["peak_rss_gib"]
     dev_ratio = (None if j["device_peak_gib"] is None or t["device_peak_gib"] is None else
                  j["device_peak_gib"] / t["device_peak_gib"])
     dev_text = ("" if dev_ratio is None else f"; device peak ratio {dev_ratio:.3f} (jaxkd {j['device_peak_gib']:.3f} "
                 f"GiB / torch {t['device_peak_gib']:.3f} GiB)")
+    cpu_speedup = t["cpu_s"] / j["cpu_s"]  # on a loaded machine, less noisy than the wall time
     print(f"pair {pair} (load {load_before:.1f} -> {load_after:.1f}): speed-up {speedup:.3f}x "
-          f"(torch {t['step_s']:.4g} s / jaxkd {j['step_s']:.4g} s); "
+          f"(torch {t['step_s']:.4g} s / jaxkd {j['step_s']:.4g} s; in CPU time {cpu_speedup:.3f}x); "
           f"peak RSS ratio {rss_ratio:.3f} (jaxkd {j['peak_rss_gib']:.3f} GiB / torch {t['peak_rss_gib']:.3f} GiB)"
           f"{dev_text}", flush=True)
     # On a GPU the memory that limits a run is the device's; on a CPU it is the host's.
@@ -354,7 +364,8 @@ def main(argv=None):
       bench.append_row(args.benchmarks, "Against PyTorch (a DistillKit-style step)", PREAMBLE, HEADER, [
           datetime.date.today().isoformat(), bench.commit(), f"{j['device']}; {t['device']}",
           f"`{command}`: {shapes(j)}, jaxkd chunk {j['chunk']}", f"{load_before:.1f} -> {load_after:.1f}",
-          f"{j['step_s']:.4f}", f"{t['step_s']:.4f}", f"{speedup:.2f}x", f"{j['peak_rss_gib']:.2f}",
+          f"{j['step_s']:.4f}", f"{t['step_s']:.4f}", f"{speedup:.2f}x", f"{cpu_speedup:.2f}x",
+          f"{j['peak_rss_gib']:.2f}",
           f"{t['peak_rss_gib']:.2f}", f"{rss_ratio:.2f}", devs, "—" if dev_ratio is None else f"{dev_ratio:.2f}"])
   met = lambda ok: f"in {sum(ok)} of {len(ok)} pair(s)"  # noqa: E731
   which = "device" if pairs[0]["device_ratio"] is not None else "peak RSS"
