@@ -73,6 +73,7 @@ def parse_args(argv=None):
   p.add_argument("--compute_dtype", default="bfloat16", help="student activations")
   p.add_argument("--teacher_dtype", default="bfloat16", help="teacher parameters and activations")
   p.add_argument("--alpha", type=float, default=0.5)
+  p.add_argument("--temperature", type=float, default=config_base.base_config().distill.temperature)
   p.add_argument("--kind", default="forward_kl")
   p.add_argument("--chunk_size", type=int, default=1024)
   p.add_argument("--micro_batches", type=int, default=1)
@@ -156,16 +157,18 @@ def synthetic_batch(rows: int, seq_len: int, vocab: int, docs_per_row: int, seed
   return {"input_ids": ids, "targets": targets, "loss_mask": mask, "segment_ids": seg, "positions": pos}
 
 
-def build(args, mesh, *, alpha: float, s_cfg, t_cfg, abstract: bool = False):
+def build(args, mesh, *, alpha: float, s_cfg, t_cfg, abstract: bool = False, batch: dict | None = None):
   """(jitted step, state, teacher params, batch, LossConfig) as the trainer builds them.
 
   With `abstract`, state, teacher parameters and batch are ShapeDtypeStructs: enough to lower and compile.
+  `batch` (numpy arrays, the student's keys) replaces the synthetic packed one.
   """
   pd, cd, td = (hf_io.resolve_dtype(x) for x in (args.param_dtype, args.compute_dtype, args.teacher_dtype))
   vocab = min(s_cfg.vocab_size, t_cfg.vocab_size) if t_cfg is not None else s_cfg.vocab_size
   run_cfg = config_base.base_config()  # what a run would set, but for the bench's own choices
   run_cfg.distill.alpha = alpha if t_cfg is not None else 0.0
   run_cfg.distill.kind, run_cfg.distill.chunk_size = args.kind, args.chunk_size
+  run_cfg.distill.temperature = args.temperature
   run_cfg.optimizer.micro_batches = args.micro_batches
   lc = step_lib.loss_config(run_cfg, vocab_size=vocab)
   with jax.set_mesh(mesh):
@@ -183,7 +186,8 @@ def build(args, mesh, *, alpha: float, s_cfg, t_cfg, abstract: bool = False):
     batch_sh = shd.batch_shardings(mesh, lc.batch_keys())
     fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lr, lc, state_shardings=state_sh,
                                   teacher_shardings=t_sh, batch_shardings=batch_sh)
-    batch = synthetic_batch(args.batch, args.seq_len, vocab, args.docs_per_row)
+    if batch is None:
+      batch = synthetic_batch(args.batch, args.seq_len, vocab, args.docs_per_row)
     if abstract:
       state = checkpoint.abstract_like(jax.eval_shape(lambda p: step_lib.TrainState(
           step=jnp.int32(0), params=p, opt_state=optimizer.init(p)), params), state_sh)

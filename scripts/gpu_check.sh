@@ -9,6 +9,9 @@
 #          (cuDNN): step time, tokens/s, MFU, compile time, peak memory
 #   tcost  the same step at alpha = 0 against alpha > 0: the teacher's share of the step time
 #   xla    the same step with the XLA attention path, to compare with cuDNN
+#   vstorch  scripts/bench_vs_torch.py --device cuda: jaxkd's step against a DistillKit-style PyTorch step at Qwen2's
+#          vocabulary and 2,048 tokens (issue 20's shapes), float32 then bfloat16: speed-up and peak-memory ratios.
+#          Needs torch with CUDA and transformers on that machine (the env stage prints their versions).
 #
 #   bash scripts/gpu_check.sh                 # every stage, in that order
 #   bash scripts/gpu_check.sh tcost xla       # some stages (a second call, if the first ran out of time)
@@ -58,7 +61,7 @@ stage_env() {
   "$PY" - <<'EOF'
 import importlib, sys
 print("python", sys.version.split()[0], sys.executable)
-for name in ("jax", "jaxlib", "flax", "optax", "transformers", "numpy"):
+for name in ("jax", "jaxlib", "flax", "optax", "transformers", "torch", "numpy"):
   try:
     module = importlib.import_module(name)
     print(name, module.__version__, module.__file__)
@@ -78,10 +81,16 @@ stage_smoke() { "$PY" scripts/bench.py --student tiny --teacher tiny --steps 3 -
 stage_bench() { "$PY" "${BENCH[@]}"; }
 stage_tcost() { "$PY" "${BENCH[@]}" --teacher_cost; }
 stage_xla() { "$PY" "${BENCH[@]}" --attention xla; }
+stage_vstorch() {
+  local device=cuda
+  [ "$PLATFORM" != cpu ] || device=cpu
+  local vs=(scripts/bench_vs_torch.py --device "$device" --steps 20 --warmup 3 --benchmarks "$BENCH_MD")
+  "$PY" "${vs[@]}" --pairs 2 && "$PY" "${vs[@]}" --pairs 1 --dtype bfloat16
+}
 
 BENCH=(scripts/bench.py --student "$STUDENT" --teacher "$TEACHER" --seq_len "$SEQ" --batch "$BATCH"
        --remat dots_no_batch_attention --steps "$STEPS" --benchmarks "$BENCH_MD")
-ALL=(env attn smoke bench tcost xla)
+ALL=(env attn smoke bench tcost xla vstorch)
 if [ "${1:-}" != "--one" ] && compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/jaxkd-site .whl/*.whl || exit 1
   export PYTHONPATH="/tmp/jaxkd-site:$PYTHONPATH"
@@ -98,7 +107,7 @@ for s in "${STAGES[@]}"; do
   case " ${ALL[*]} " in *" $s "*) ;; *) echo "unknown stage '$s'; stages: ${ALL[*]}" >&2; exit 2 ;; esac
 done
 
-declare -A LIMIT=([env]=90 [attn]=240 [smoke]=150 [bench]=300 [tcost]=420 [xla]=300)
+declare -A LIMIT=([env]=90 [attn]=240 [smoke]=150 [bench]=300 [tcost]=420 [xla]=300 [vstorch]=360)
 SUMMARY=()
 FAILED=0
 for s in "${STAGES[@]}"; do
@@ -125,7 +134,7 @@ done
   echo
   echo "=== summary ($(($(date +%s) - START))s in all; log $LOG, rows in $BENCH_MD)"
   printf '%s\n' "${SUMMARY[@]}"
-  key_lines="^(alpha=|teacher cost:|attention facts|device_kind|jax )|^[0-9]+ (passed|failed)|^(FAILED|ERROR)"
+  key_lines="^(alpha=|teacher cost:|attention facts|device_kind|jax |torch |pair [0-9]|goal )|^[0-9]+ (passed|failed)|^(FAILED|ERROR)"
   grep -E "$key_lines" "$LOG" | tail -20
   diff <(cat BENCHMARKS.md) "$BENCH_MD" | grep '^>' | sed 's/^> /new row: /'
 } | tee -a "$LOG"

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+
 from tests.runs import ROOT
 
 
@@ -124,3 +126,49 @@ def test_gpu_check_script_runs_a_stage_and_rejects_an_unknown_one(tmp_path):
   assert open(tmp_path / "BENCHMARKS.md").read() == open(os.path.join(ROOT, "BENCHMARKS.md")).read()
   bad = subprocess.run(["bash", script, "env", "bench2"], cwd=ROOT, env=env, capture_output=True, text=True)
   assert bad.returncode == 2 and "unknown stage 'bench2'" in bad.stderr
+
+
+def _qwen2_params(d, layers, heads, kv_heads, inter, vocab, tied):
+  """A Qwen2 decoder's parameter count from its config, by hand: q/k/v with bias, o, gated MLP, two norms a layer."""
+  hd = d // heads
+  layer = d * heads * hd + heads * hd + 2 * (d * kv_heads * hd + kv_heads * hd) + heads * hd * d + 3 * d * inter + 2 * d
+  return vocab * d * (1 if tied else 2) + layers * layer + d
+
+
+def test_bench_vs_torch_runs_both_sides_on_the_same_shapes_and_records_their_ratios(tmp_path):
+  bench = str(tmp_path / "BENCHMARKS.md")
+  shutil.copy(os.path.join(ROOT, "BENCHMARKS.md"), bench)
+  before = open(bench).read().splitlines()
+  vocab = 256
+  out = _script("bench_vs_torch.py", "--student_hidden", 32, "--student_layers", 1, "--student_heads", 2,
+                "--student_kv_heads", 1, "--student_intermediate", 64, "--tie", "--teacher_hidden", 64,
+                "--teacher_layers", 1, "--teacher_heads", 4, "--vocab", vocab, "--seq_len", 32, "--batch", 2,
+                "--steps", 2, "--warmup", 1, "--pairs", 1, "--benchmarks", bench)
+  sides = {}
+  for side in ("jaxkd", "torch"):
+    line = next(l for l in out.splitlines() if l.startswith(f"{side}: "))
+    student, teacher, rows, cols, step_s, cpu_s, rss, loss = re.search(
+        r"student ([\d,]+) parameters, teacher ([\d,]+), batch (\d+) x (\d+) tokens; step ([0-9.e+-]+) s .*"
+        r"CPU time ([0-9.e+-]+) s\); peak RSS ([0-9.]+) GiB .*; loss ([0-9.]+)$", line).groups()
+    sides[side] = dict(step=float(step_s), cpu=float(cpu_s), rss=float(rss), loss=float(loss))
+    # Both ran the models the flags describe (teacher MLP 3 x 64 by default, untied) on the 2 x 32 batch.
+    assert int(student.replace(",", "")) == _qwen2_params(32, 1, 2, 1, 64, vocab, tied=True), line
+    assert int(teacher.replace(",", "")) == _qwen2_params(64, 1, 4, 2, 192, vocab, tied=False), line
+    assert (rows, cols) == ("2", "32"), line
+    # The same objective: near-uniform random models give CE ~ ln V and a KD term near 0, mixed half and half.
+    assert abs(sides[side]["loss"] - 0.5 * np.log(vocab)) < 0.01, line
+  pair = next(l for l in out.splitlines() if l.startswith("pair 1 "))
+  speedup, t_s, j_s, cpu_speedup, rss_ratio, j_rss, t_rss = map(float, re.search(
+      r"speed-up ([0-9.]+)x \(torch ([0-9.e+-]+) s / jaxkd ([0-9.e+-]+) s; in CPU time ([0-9.]+)x\); "
+      r"peak RSS ratio ([0-9.]+) \(jaxkd ([0-9.]+) GiB / torch ([0-9.]+) GiB\)", pair).groups())
+  assert (j_s, t_s, j_rss, t_rss) == (sides["jaxkd"]["step"], sides["torch"]["step"], sides["jaxkd"]["rss"],
+                                      sides["torch"]["rss"]), pair
+  assert abs(speedup - t_s / j_s) <= 5e-4 + 2e-3 * speedup  # times printed to 4 digits, ratios to 3 places
+  assert abs(cpu_speedup - sides["torch"]["cpu"] / sides["jaxkd"]["cpu"]) <= 5e-4 + 2e-3 * cpu_speedup
+  assert abs(rss_ratio - j_rss / t_rss) <= 5e-4 + 2e-3 * rss_ratio
+  added = [l for l in open(bench).read().splitlines() if l not in before and l.startswith("| 2")]
+  assert len(added) == 1 and "--vocab 256" in added[0], added
+  assert added[0] in open(bench).read()[open(bench).read().index("## Against PyTorch"):]
+  cells = [c.strip() for c in added[0].strip().strip("|").split("|")]
+  assert cells[7].endswith("x") and abs(float(cells[7][:-1]) - speedup) <= 0.0051, cells  # as printed, 2 places
+  assert abs(float(cells[11]) - rss_ratio) <= 0.0051, cells
