@@ -23,7 +23,9 @@ Each side runs in a child process of its own (so neither's imports, allocator or
 or warms up (--warmup steps), then times --steps steps; the step time is their median. Peak memory is the child's
 resident-set high-water mark (`getrusage(RUSAGE_SELF).ru_maxrss`: host memory, imports included; the RSS right
 after the imports is printed beside it), and on a GPU also the device's peak (`torch.cuda.max_memory_allocated`,
-jax's `memory_stats()["peak_bytes_in_use"]`). The two sides run back to back --pairs times; every pair is a row of
+jax's `memory_stats()["peak_bytes_in_use"]`). After its steps each side also times the four products with the
+vocabulary that any such step computes (`head_products`) on their own: on a CPU they are most of both steps, and
+torch step / jaxkd's products bounds the speed-up any loss code can reach there. The two sides run back to back --pairs times; every pair is a row of
 BENCHMARKS.md ("Against PyTorch") with the command, the commit and the machine's load.
 
     python scripts/bench_vs_torch.py                                   # issue 20's shapes: Qwen2 vocab, 2 x 1024 tokens
@@ -138,12 +140,34 @@ def peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def head_products(spec: dict) -> list[tuple[int, int, int]]:
+  """(m, k, n) of the output heads' matrix products in one step, which both sides must compute whatever else they
+  do: the student's logits [N, Ds] @ [Ds, V], their backward products d(hidden) = dz @ W^T ([N, V] @ [V, Ds]) and
+  d(W) = h^T @ dz ([Ds, N] @ [N, V]), and the teacher's logits [N, Dt] @ [Dt, V]. At Qwen2's vocabulary they are
+  most of the step's arithmetic."""
+  n, v = spec["batch"] * spec["seq_len"], spec["student"]["vocab_size"]
+  ds, dt = spec["student"]["hidden_size"], spec["teacher"]["hidden_size"]
+  return [(n, ds, v), (n, v, ds), (ds, n, v), (n, dt, v)]
+
+
+def best_of(fn, repeats: int = 3) -> float:
+  """The least wall time of `repeats` calls after one warm-up (fn waits for its result)."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The jaxkd side (imports jax only here: the torch child never loads it).
 
 
 def run_jaxkd(spec: dict) -> dict:
   import jax
+  import jax.numpy as jnp
 
   sys.path.insert(0, SCRIPTS)
   import bench  # the sibling script: models, state and step as the trainer builds them
@@ -174,9 +198,20 @@ def run_jaxkd(spec: dict) -> dict:
     cpu.append(time.process_time() - start)
   res = runner.result()
   stats = device.memory_stats() or {}
+  peak = peak_rss_gib()  # before the products below allocate their operands
+
+  # The heads' products alone, in the step's compute dtype with float32 results as the fused loss takes them.
+  compute = jnp.dtype(dt)
+  matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  matmul_s = 0.0
+  for m, k, n in head_products(spec):
+    a = jax.device_put(jnp.ones((m, k), compute), device)
+    b = jax.device_put(jnp.ones((k, n), compute), device)
+    matmul_s += best_of(lambda: matmul(a, b).block_until_ready())  # noqa: B023
+    del a, b
   return {"step_s": res["step_s"], "step_min_s": res["step_min_s"], "cpu_s": statistics.median(cpu),
           "loss": res["loss"], "warmup_s": res["lower_s"] + res["compile_s"], "rss_after_import_gib": after_import,
-          "peak_rss_gib": peak_rss_gib(),
+          "peak_rss_gib": peak, "matmul_s": matmul_s,
           "device_peak_gib": stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None,
           "student_params": count(runner.state.params["student"]), "teacher_params": count(t_params),
           "batch_shape": list(batch["input_ids"].shape), "chunk": chunk,
@@ -253,11 +288,19 @@ def run_torch(spec: dict) -> dict:
     raise SystemExit(f"the torch step produced a non-finite loss {loss}")
   name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
           f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+  peak = peak_rss_gib()  # before the products below allocate their operands
+  device_peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+  matmul_s = 0.0
+  for m, k, n in head_products(spec):  # in autocast's dtype, as the models' heads run
+    a, b = torch.ones(m, k, device=device), torch.ones(k, n, device=device)
+    with autocast:
+      matmul_s += best_of(lambda: (a @ b, sync()))  # noqa: B023
+    del a, b
   unique = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731  (a tied head counts once)
   return {"step_s": statistics.median(times), "step_min_s": min(times), "cpu_s": statistics.median(cpu), "loss": loss,
           "warmup_s": warmup_s,
-          "rss_after_import_gib": after_import, "peak_rss_gib": peak_rss_gib(),
-          "device_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+          "rss_after_import_gib": after_import, "peak_rss_gib": peak, "matmul_s": matmul_s,
+          "device_peak_gib": device_peak,
           "student_params": unique(student), "teacher_params": unique(teacher), "batch_shape": list(ids.shape),
           "device": f"torch {torch.__version__} on {name}"}
 
@@ -308,12 +351,15 @@ the timed steps after warm-up. Peak RSS: the process's resident high-water mark 
 imports included). Device peak: torch.cuda.max_memory_allocated and jax's peak_bytes_in_use (GPU only). Speed-up =
 torch step / jaxkd step (goal >= 2), and the same in process CPU time per step (user + system, median; less
 sensitive to other jobs on a shared CPU); memory ratio = jaxkd peak / torch peak (goal <= 0.33). Load: the 1-minute load
-average before and after the pair (a shared CPU).
+average before and after the pair (a shared CPU). Head products: the four matrix products with the vocabulary that
+any such step computes (the student's logits and their two backward products, the teacher's logits), timed alone on
+each side in its compute dtype after the steps; bound = torch step / jaxkd's head products, the speed-up jaxkd would
+reach if everything else in its step took no time.
 """
 
 HEADER = ["date", "commit", "hardware", "config", "load", "jaxkd step s", "torch step s", "speed-up",
-          "CPU-time speed-up", "jaxkd peak RSS GiB", "torch peak RSS GiB", "RSS ratio", "device peak GiB jaxkd / torch",
-          "device ratio"]
+          "CPU-time speed-up", "head products s jaxkd / torch", "bound", "jaxkd peak RSS GiB", "torch peak RSS GiB",
+          "RSS ratio", "device peak GiB jaxkd / torch", "device ratio"]
 
 
 def main(argv=None):
@@ -341,7 +387,7 @@ def main(argv=None):
       chunk = f", fused-loss chunk {r['chunk']} tokens" if "chunk" in r else ""
       print(f"{side}: {r['device']}{chunk}; {shapes(r)}; step {r['step_s']:.4g} s (median of {args.steps} after "
             f"{args.warmup} warm-up, which took {r['warmup_s']:.1f} s; min {r['step_min_s']:.4g}; CPU time "
-            f"{r['cpu_s']:.4g} s); peak RSS {r['peak_rss_gib']:.3f} GiB ({r['rss_after_import_gib']:.3f} after "
+            f"{r['cpu_s']:.4g} s); head products {r['matmul_s']:.4g} s; peak RSS {r['peak_rss_gib']:.3f} GiB ({r['rss_after_import_gib']:.3f} after "
             f"imports){dev}; loss {r['loss']:.4f}", flush=True)
     load_after = os.getloadavg()[0]
     check_same_shapes(res)
@@ -352,8 +398,10 @@ def main(argv=None):
     dev_text = ("" if dev_ratio is None else f"; device peak ratio {dev_ratio:.3f} (jaxkd {j['device_peak_gib']:.3f} "
                 f"GiB / torch {t['device_peak_gib']:.3f} GiB)")
     cpu_speedup = t["cpu_s"] / j["cpu_s"]  # on a loaded machine, less noisy than the wall time
+    bound = t["step_s"] / j["matmul_s"]  # were all but jaxkd's head products free
     print(f"pair {pair} (load {load_before:.1f} -> {load_after:.1f}): speed-up {speedup:.3f}x "
-          f"(torch {t['step_s']:.4g} s / jaxkd {j['step_s']:.4g} s; in CPU time {cpu_speedup:.3f}x); "
+          f"(torch {t['step_s']:.4g} s / jaxkd {j['step_s']:.4g} s; in CPU time {cpu_speedup:.3f}x; at most "
+          f"{bound:.3f}x with jaxkd's head products alone, {j['matmul_s']:.4g} s against torch's {t['matmul_s']:.4g}); "
           f"peak RSS ratio {rss_ratio:.3f} (jaxkd {j['peak_rss_gib']:.3f} GiB / torch {t['peak_rss_gib']:.3f} GiB)"
           f"{dev_text}", flush=True)
     # On a GPU the memory that limits a run is the device's; on a CPU it is the host's.
@@ -365,7 +413,7 @@ def main(argv=None):
           datetime.date.today().isoformat(), bench.commit(), f"{j['device']}; {t['device']}",
           f"`{command}`: {shapes(j)}, jaxkd chunk {j['chunk']}", f"{load_before:.1f} -> {load_after:.1f}",
           f"{j['step_s']:.4f}", f"{t['step_s']:.4f}", f"{speedup:.2f}x", f"{cpu_speedup:.2f}x",
-          f"{j['peak_rss_gib']:.2f}",
+          f"{j['matmul_s']:.3g} / {t['matmul_s']:.3g}", f"{bound:.2f}x", f"{j['peak_rss_gib']:.2f}",
           f"{t['peak_rss_gib']:.2f}", f"{rss_ratio:.2f}", devs, "—" if dev_ratio is None else f"{dev_ratio:.2f}"])
   met = lambda ok: f"in {sum(ok)} of {len(ok)} pair(s)"  # noqa: E731
   which = "device" if pairs[0]["device_ratio"] is not None else "peak RSS"
