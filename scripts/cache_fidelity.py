@@ -25,7 +25,6 @@ bytes at 151,936 are computed, not measured.
 """
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -37,33 +36,35 @@ QWEN2_VOCAB = 151_936
 EPS = 1e-9
 
 
+def held_out(config_path: str):
+  """(config, vocabulary size, batches): every held-out row of the config's data (data.make_loader's "eval" split,
+  not the run's eval subset), batched as the run batches them."""
+  from jaxkd import config_base, data, program  # pylint: disable=import-outside-toplevel
+  from jaxkd import step as step_lib  # pylint: disable=import-outside-toplevel
+
+  c = config_base.load(config_path, {"data.eval_batches": None})
+  tok = program.load_tokenizers(c, step_lib.loss_config(c)).student
+  loader = data.make_loader(c.data, tokenizer=tok, seq_len=c.data.seq_len, batch_size=c.data.batch_size, seed=c.seed,
+                            split="eval")
+  batches = list(loader)
+  loader.close()
+  return c, int(c.distill.vocab_size or len(tok)), batches
+
+
 def teacher_distributions(config_path: str):
   """The held-out rows' batches and the teacher's float64 log-probs [N, V] at their N trained tokens."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from jaxkd import data, models, program  # pylint: disable=import-outside-toplevel
-  from jaxkd import step as step_lib  # pylint: disable=import-outside-toplevel
+  from jaxkd import models, program  # pylint: disable=import-outside-toplevel
 
-  spec = importlib.util.spec_from_file_location("run_config", config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.data.eval_batches = None  # every held-out row, not the run's eval subset
-  tok = program.load_tokenizers(c, step_lib.loss_config(c)).student
-  vocab = int(c.distill.vocab_size or len(tok))
+  c, vocab, batches = held_out(config_path)
   teacher = models.from_pretrained(program.model_folder(c.teacher), dtype="float32")
   forward = jax.jit(lambda ids, seg, pos: jax.nn.log_softmax(teacher(ids, segment_ids=seg, positions=pos)[..., :vocab]
                                                               .astype(jnp.float32), axis=-1))
-  loader = data.make_loader(c.data, tokenizer=tok, seq_len=c.data.seq_len, batch_size=c.data.batch_size, seed=c.seed,
-                            split="eval")
-  batches, logp = [], []
-  for batch in loader:
-    lp_BxTxV = np.asarray(forward(batch["input_ids"], batch["segment_ids"], batch["positions"]), np.float64)
-    batches.append(batch)
-    logp.append(lp_BxTxV[batch["loss_mask"] > 0])
-  loader.close()
+  logp = [np.asarray(forward(b["input_ids"], b["segment_ids"], b["positions"]), np.float64)[b["loss_mask"] > 0]
+          for b in batches]
   return c, batches, np.concatenate(logp), vocab
 
 

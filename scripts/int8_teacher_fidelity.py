@@ -14,12 +14,12 @@ table quantised too (a scale per vocabulary row for both), and a scale per tenso
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 
 def main():
@@ -33,23 +33,13 @@ def main():
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from jaxkd import data, models, program  # pylint: disable=import-outside-toplevel
-  from jaxkd import step as step_lib  # pylint: disable=import-outside-toplevel
+  from cache_fidelity import held_out  # pylint: disable=import-outside-toplevel  (the sibling script)
+  from jaxkd import models, program  # pylint: disable=import-outside-toplevel
   from jaxkd.models import quantize  # pylint: disable=import-outside-toplevel
 
   jax.config.update("jax_default_matmul_precision", "highest")  # the float32 teacher's own figures, not TF32-like
-  spec = importlib.util.spec_from_file_location("run_config", args.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.data.eval_batches = None  # every held-out row, not the run's eval subset
-  tok = program.load_tokenizers(c, step_lib.loss_config(c)).student
-  vocab = int(c.distill.vocab_size or len(tok))
+  c, vocab, batches = held_out(args.config)
   folder = program.model_folder(c.teacher)
-  loader = data.make_loader(c.data, tokenizer=tok, seq_len=c.data.seq_len, batch_size=c.data.batch_size, seed=c.seed,
-                            split="eval")
-  batches = list(loader)
-  loader.close()
 
   def log_probs(model):
     graphdef, params = nnx.split(model)
