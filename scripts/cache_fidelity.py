@@ -207,15 +207,18 @@ def main():
                   f"{kl_N.max():.4f}"])
   rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
   print(f"{n} held-out trained tokens, teacher {c.teacher.path}, vocabulary {vocab}, commit {rev.strip()}")
-  if args.markdown:
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for line in lines:
-      print("| " + " | ".join(line) + " |")
-  else:
-    widths = [max(len(r[i]) for r in [head] + lines) for i in range(len(head))]
-    for line in [head] + lines:
-      print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
+  print_table(head, lines, markdown=args.markdown)
+
+
+def print_table(header: list[str], rows: list[list[str]], *, markdown: bool) -> None:
+  """`rows` under `header`: a Markdown table, or columns aligned for a terminal."""
+  if markdown:
+    for r in [header, ["---"] * len(header), *rows]:
+      print("| " + " | ".join(map(str, r)) + " |")
+    return
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+  for r in [header, *rows]:
+    print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def main():
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from cache_fidelity import held_out  # pylint: disable=import-outside-toplevel  (the sibling script)
+  from cache_fidelity import held_out, print_table  # pylint: disable=import-outside-toplevel  (the sibling script)
   from jaxkd import models, program  # pylint: disable=import-outside-toplevel
   from jaxkd.models import quantize  # pylint: disable=import-outside-toplevel
 
@@ -94,15 +94,7 @@ def main():
   print(f"{args.config}: {n} held-out trained tokens in {len(batches)} batches, vocabulary {vocab}, teacher {folder}; "
         f"the float32 teacher's mean entropy {entropy:.3f} nats")
   header = ["p || q", "mean KL (nats)", "p99 KL", "max KL", "same argmax"]
-  if args.markdown:
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-      print("| " + " | ".join(r) + " |")
-  else:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for r in [header, *rows]:
-      print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
+  print_table(header, rows, markdown=args.markdown)
 
 
 if __name__ == "__main__":
