@@ -232,6 +232,23 @@ def test_real_config_parameter_counts(hub_id):
   assert ours == theirs == REAL_COUNTS[hub_id]
 
 
+# The Qwen3 model cards' "Number of Parameters" and "(Non-Embedding)" in billions, as printed there: an account of
+# the presets (written without the hub) that does not come from them. Non-embedding leaves out the embedding table
+# and the output head.
+QWEN3_CARDS = {"Qwen/Qwen3-0.6B": ("0.6", "0.44"), "Qwen/Qwen3-1.7B": ("1.7", "1.4"), "Qwen/Qwen3-4B": ("4.0", "3.6"),
+               "Qwen/Qwen3-8B": ("8.2", "6.95"), "Qwen/Qwen3-32B": ("32.8", "31.2")}
+
+
+@pytest.mark.parametrize("hub_id", sorted(QWEN3_CARDS))
+def test_qwen3_presets_have_their_model_cards_parameter_counts(hub_id):
+  cfg = models.config_from_hf(presets.PRESETS[hub_id])
+  table = cfg.vocab_size * cfg.hidden_size
+  non_embedding = REAL_COUNTS[hub_id] - table * (1 if cfg.tie_embeddings else 2)
+  for count, printed in zip((REAL_COUNTS[hub_id], non_embedding), QWEN3_CARDS[hub_id]):
+    decimals = len(printed.split(".")[1])
+    assert f"{count / 1e9:.{decimals}f}" == printed, (hub_id, count, printed)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad inputs.
 
