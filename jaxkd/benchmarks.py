@@ -415,9 +415,10 @@ def generative(model, tokenizer=None, *, data_path: str, fewshot_path: str | Non
   Arguments as `multiple_choice`'s; `until`: the stop strings (default the prompt's: GSM8K's "Question:", "</s>",
   "<|im_end|>"), to which the tokenizer's EOS text is added; `max_gen_toks`: tokens generated at most. The
   generation is greedy over the whole output head (as transformers' is) and stops where transformers' would under
-  lm-eval: at an eos id of the folder's generation config (`generation_eos_ids`; none for a model object) or at a
-  token that is a stop string by itself; the text, decoded without special tokens, is then cut before the first
-  stop string, as lm-eval cuts it."""
+  lm-eval: at an eos id of the folder's generation config (`generation_eos_ids`; none for a model object), at a
+  token that is a stop string by itself, or after the tokens a stop string is encoded as; the text, decoded without
+  special tokens, is then cut before the first stop string, as lm-eval cuts it (which stopping early never changes:
+  the text generated so far already holds that stop string)."""
   import jax  # pylint: disable=import-outside-toplevel
 
   from jaxkd import generate, loglikelihood, sharding  # pylint: disable=import-outside-toplevel
@@ -433,11 +434,13 @@ def generative(model, tokenizer=None, *, data_path: str, fewshot_path: str | Non
   eos_text = tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)
   if eos_text not in stops:
     stops.append(eos_text)
-  stop_ids = set(eos_ids)
-  for s in stops:  # a token that is a stop string by itself ends the text there anyway: stop generating at it
+  stop_ids, stop_seqs = set(eos_ids), set()
+  for s in stops:  # text that holds a stop string is cut there anyway: stop generating once it is written
     ids = tokenizer(s, add_special_tokens=False)["input_ids"]
     if len(ids) == 1 and tokenizer.decode(ids) == s:
       stop_ids.add(ids[0])
+    elif len(ids) > 1 and s in tokenizer.decode(ids):  # the string's own tokens ("Question", ":"); written with
+      stop_seqs.add(tuple(ids))  # other tokens, it is still cut below, after generating to max_gen_toks
   max_ctx = model.cfg.max_position_embeddings - max_gen_toks
   if max_ctx <= 0:
     raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt in the model's "
@@ -454,7 +457,7 @@ def generative(model, tokenizer=None, *, data_path: str, fewshot_path: str | Non
       picked = order[lo:lo + b]
       pad_to = min(loglikelihood.bucket(len(prompts[picked[0]])), max_ctx)
       outs = generate.generate(model, [prompts[i] for i in picked], max_new_tokens=max_gen_toks,
-                               eos_ids=sorted(stop_ids), pad_to=pad_to, rows=b)
+                               eos_ids=sorted(stop_ids), pad_to=pad_to, rows=b, stop_seqs=sorted(stop_seqs))
       for i, out in zip(picked, outs):
         text = tokenizer.decode(out, skip_special_tokens=True)
         for s in stops:  # lm-eval's postprocess_generated_text

@@ -36,14 +36,26 @@ def sample_logits(logits_BxV, key, *, temperature: float = 0.0, top_k: int | Non
 
 
 def sample_on_device(model, ids_BxP, mask_BxP, key, *, max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
-                     top_k: int | None = None, top_p: float | None = None, vocab_size: int | None = None):
+                     top_k: int | None = None, top_p: float | None = None, vocab_size: int | None = None,
+                     stop_seqs: tuple[tuple[int, ...], ...] = ()):
   """Up to `max_new_tokens` new tokens for each left-padded prompt row, the whole loop on the device (traceable:
   call it under `jax.jit`; no host round trip per token): (tokens [B, N] int32, lengths [B] int32). A row stops
-  after an eos id (kept) or N tokens; its slots past `lengths` hold 0. The prompt is one prefill into the
-  model's KV cache (attention through the model's kernel, as in training), then one token a step through it."""
+  after an eos id (kept), after its new tokens end with one of `stop_seqs` (token-id sequences, kept), or after N
+  tokens; its slots past `lengths` hold 0. The prompt is one prefill into the model's KV cache (attention through
+  the model's kernel, as in training), then one token a step through it."""
   b, p = ids_BxP.shape
   vocab = vocab_size or model.cfg.vocab_size
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  stop_seqs = tuple(tuple(x) for x in stop_seqs if 0 < len(x) <= max_new_tokens)
+
+  def ends_with_a_stop(tokens_BxN, i):
+    """Rows whose new tokens up to slot i end with a stop sequence."""
+    hit = jnp.zeros((b,), bool)
+    for seq in stop_seqs:
+      n = len(seq)
+      window = jax.lax.dynamic_slice_in_dim(tokens_BxN, jnp.maximum(i - n + 1, 0), n, axis=1)
+      hit = hit | ((i + 1 >= n) & jnp.all(window == jnp.asarray(seq, jnp.int32), axis=1))
+    return hit
 
   def next_logits(ids, mask, cache):
     out = model.forward(ids, attention_mask=mask, cache=cache)
@@ -64,7 +76,7 @@ def sample_on_device(model, ids_BxP, mask_BxP, key, *, max_new_tokens: int, eos_
     i, token, cache, key, tokens_BxN, lengths, done = carry
     tokens_BxN = tokens_BxN.at[:, i].set(jnp.where(done, 0, token))
     lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(token, eos)
+    done = done | jnp.isin(token, eos) | ends_with_a_stop(tokens_BxN, i)
     key, sub = jax.random.split(key)
     logits, cache = next_logits(token[:, None], ones, cache)
     return i + 1, pick(logits, sub), cache, key, tokens_BxN, lengths, done
@@ -76,7 +88,7 @@ def sample_on_device(model, ids_BxP, mask_BxP, key, *, max_new_tokens: int, eos_
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "temperature", "top_k",
-                                             "top_p", "vocab_size"))
+                                             "top_p", "vocab_size", "stop_seqs"))
 def _decode(graphdef, state, ids_BxP, mask_BxP, key, **settings):
   """`sample_on_device` under one jit for the process: a call of shapes and settings seen before runs at once."""
   return sample_on_device(nnx.merge(graphdef, state), ids_BxP, mask_BxP, key, **settings)
@@ -84,8 +96,9 @@ def _decode(graphdef, state, ids_BxP, mask_BxP, key, **settings):
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids=(), temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, vocab_size: int | None = None,
-             pad_to: int = 1, rows: int | None = None) -> list[list[int]]:
-  """New token ids for each prompt (stopping at an eos id, which is kept), as lists (`sample_on_device`).
+             pad_to: int = 1, rows: int | None = None, stop_seqs=()) -> list[list[int]]:
+  """New token ids for each prompt (stopping at an eos id or after a stop sequence of ids, both kept), as lists
+  (`sample_on_device`).
 
   Prompts are left-padded to the longest one, rounded up to a multiple of `pad_to`, and the batch is filled up to
   `rows` rows (repeating the last prompt), so that batches of similar shapes share one compiled loop."""
@@ -102,7 +115,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_ids=()
   graphdef, state = nnx.split(model)
   tokens, lengths = jax.device_get(_decode(
       graphdef, state, ids, mask, jax.random.key(seed), max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids),
-      temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size))
+      temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size,
+      stop_seqs=tuple(tuple(int(t) for t in x) for x in stop_seqs)))
   return [tokens[r, :lengths[r]].tolist() for r in range(len(prompts))]
 
 

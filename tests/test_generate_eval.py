@@ -44,6 +44,25 @@ def test_greedy_generation_matches_transformers(hf_factory, name):
     assert got == ref[0, len(prompt):].tolist()
 
 
+def _through_first(seq, out):
+  """`out` up to and including the first place it holds `seq` (all of it where it does not)."""
+  n = len(seq)
+  ends = [i + n for i in range(len(out) - n + 1) if out[i:i + n] == list(seq)]
+  return out[:ends[0]] if ends else out
+
+
+def test_generation_stops_after_a_stop_sequence(hf_factory):
+  model = models.from_pretrained(hf_factory("qwen2_untied"))
+  prompts = [[5, 17, 33, 2, 9], [44, 3], [7, 7, 1]]
+  full = generate.generate(model, prompts, max_new_tokens=12)
+  two, three = tuple(full[0][5:7]), tuple(full[1][3:6])
+  cut = generate.generate(model, prompts, max_new_tokens=12, stop_seqs=[two, three, tuple(range(13))])
+  # Each row stops after the first of the two sequences it writes (the 13-token one cannot fit and is ignored).
+  expected = [min(_through_first(two, out), _through_first(three, out), key=len) for out in full]
+  assert cut == expected
+  assert len(cut[0]) <= 7 < len(full[0]) and len(cut[1]) <= 6 < len(full[1])
+
+
 def test_sampling_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 200)
