@@ -249,51 +249,38 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # JAX and datasets log their start-up at INFO
   f = flags.FLAGS
+  if f.task != "loss" and f.teacher:
+    raise app.UsageError(f"--teacher is for --task loss; run --task {f.task} once per model")
   if f.task in ("mc", "gen"):
     from jaxkd import benchmarks  # pylint: disable=import-outside-toplevel
-    if not f.data or len(f.data) != 1 or f.teacher:
-      raise app.UsageError(f"--task {f.task} takes one --data JSONL file and no --teacher")
+    if not f.data or len(f.data) != 1:
+      raise app.UsageError(f"--task {f.task} takes one --data JSONL file")
     common = dict(data_path=f.data[0], fewshot_path=f.fewshot_data, prompt=f.doc_to_text, num_fewshot=f.num_fewshot,
                   limit=f.limit, fewshot_sampler=f.fewshot_sampler, batch_size=f.batch_size or 32, dtype=f.dtype)
     out = (benchmarks.multiple_choice(f.model, **common) if f.task == "mc" else
            benchmarks.generative(f.model, until=f.until, max_gen_toks=f.max_gen_toks, **common))
     print(benchmarks.summary(out))
-    if f.output:
-      with open(f.output, "w") as fh:
-        json.dump(out, fh, indent=2)
-    return
-  if f.task == "function_calling":
-    if f.teacher:
-      raise app.UsageError("--teacher is for --task loss; run --task function_calling once per model")
+  elif f.task == "function_calling":
     out = function_calling_accuracy(f.model, data_paths=f.data, fmt=f.format, split=f.split,
                                     chat_template=f.chat_template, max_new_tokens=f.max_new_tokens,
                                     batch_size=f.batch_size or 32, limit=f.limit, dtype=f.dtype)
     print_function_calling(out)
-    if f.output:
-      with open(f.output, "w") as fh:
-        json.dump(out, fh, indent=2)
-    return
-  if f.task == "answers":
-    if f.teacher:
-      raise app.UsageError("--teacher is for --task loss; run --task answers once per model")
+  elif f.task == "answers":
     out = answers_accuracy(f.model, data_paths=f.data, fmt=f.format, split=f.split,
                            max_new_tokens=f.max_new_tokens, batch_size=f.batch_size or 32, limit=f.limit,
                            dtype=f.dtype)
     print_answers(out)
-    if f.output:
-      with open(f.output, "w") as fh:
-        json.dump(out, fh, indent=2)
-    return
-  if not f.data:
-    raise app.UsageError("--task loss needs --data (the held-out file(s) to score)")
-  out = evaluate(f.model, f.data, teacher_path=f.teacher, fmt=f.format, split=f.split, seq_len=f.seq_len,
-                 batch_size=f.batch_size or 8, temperature=f.temperature, dtype=f.dtype)
-  names = {"loss": "held-out loss", "perplexity": "perplexity", "accuracy": "token accuracy",
-           "tokens": "tokens scored", "agreement": "top-1 agreement with teacher", "kl_t1": "KL(teacher || student)",
-           "teacher_ce": "teacher loss"}
-  for key, name in names.items():
-    if key in out:
-      print(f"{name:>30}: {out[key]:.0f}" if key == "tokens" else f"{name:>30}: {out[key]:.4f}")
+  else:
+    if not f.data:
+      raise app.UsageError("--task loss needs --data (the held-out file(s) to score)")
+    out = evaluate(f.model, f.data, teacher_path=f.teacher, fmt=f.format, split=f.split, seq_len=f.seq_len,
+                   batch_size=f.batch_size or 8, temperature=f.temperature, dtype=f.dtype)
+    names = {"loss": "held-out loss", "perplexity": "perplexity", "accuracy": "token accuracy",
+             "tokens": "tokens scored", "agreement": "top-1 agreement with teacher",
+             "kl_t1": "KL(teacher || student)", "teacher_ce": "teacher loss"}
+    for key, name in names.items():
+      if key in out:
+        print(f"{name:>30}: {out[key]:.0f}" if key == "tokens" else f"{name:>30}: {out[key]:.4f}")
   if f.output:
     with open(f.output, "w") as fh:
       json.dump(out, fh, indent=2)

@@ -22,8 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxkd import benchmarks, tiny  # noqa: E402
-
-CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+from tests.data_references import CHAT, CHAT_MC_ROWS  # noqa: E402
 
 
 def _arith(a, b, op):
@@ -72,16 +71,8 @@ def make_rows() -> dict:
           "target": str((not x) and y)} for x in (True, False) for y in (True, False)]
   bbh += [{"input": f"( {x} or {y} ) is", "choices": ["True", "False"], "target": str(x or y)}
           for x in (True, False) for y in (True, False)]
-  chat_mc = [
-      {"query": CHAT.format("What is 4 plus 9?") + "The answer is", "choices": ["13.", "12.", "31.", "9."], "gold": 0},
-      {"query": CHAT.format("20 - 14 = ?") + "The answer is ", "choices": ["6.", "34.", "5.", "a cat."], "gold": 0},
-      {"query": CHAT.format("2 + 6 = ?") + "2 + 6 =", "choices": ["8.", "the number eight.", "26."], "gold": 1},
-      {"query": CHAT.format("Name 2 fruits."), "choices": ["Grape and banana.", "Blue.", "Seven dogs run."],
-       "gold": 0},
-      {"query": CHAT.format("What is another word for cold?"),
-       "choices": ["Chilly.", "Hot.", "Of course! Chilly."], "gold": 2},
-      {"query": CHAT.format("Can you name 4 colors?"),
-       "choices": ["Blue, purple, white and orange.", "Dog.", "Four."], "gold": 0}]
+  chat_mc = [*CHAT_MC_ROWS, {"query": CHAT.format("Can you name 4 colors?"),
+                            "choices": ["Blue, purple, white and orange.", "Dog.", "Four."], "gold": 0}]
   # MMLU as lm-eval runs it: one task per subject, its examples the first of that subject's dev rows
   subjects = ["elementary_mathematics", "high_school_mathematics"]
   mmlu_test = [{**r, "subject": subjects[i // 5]} for i, r in enumerate(mmlu)]

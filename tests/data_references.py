@@ -213,3 +213,18 @@ LLAMA31_TEMPLATE = """{{- bos_token }}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
 {%- endif %}
 """
+
+
+# A prompt in the bundled teacher's chat format, and multiple-choice rows it was trained on (so that it prefers some
+# answers): choices of very different lengths (so that acc and acc_norm differ), contexts ending in a space (moved to
+# the continuation). tests/test_benchmarks.py and scripts/compare_lm_eval.py score them.
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+CHAT_MC_ROWS = [
+    {"query": CHAT.format("What is 4 plus 9?") + "The answer is", "choices": ["13.", "12.", "31.", "9."], "gold": 0},
+    {"query": CHAT.format("20 - 14 = ?") + "The answer is ", "choices": ["6.", "34.", "5.", "a cat."], "gold": 0},
+    {"query": CHAT.format("2 + 6 = ?") + "2 + 6 =", "choices": ["8.", "the number eight.", "26."], "gold": 1},
+    {"query": CHAT.format("Name 2 fruits."), "choices": ["Grape and banana.", "Blue.", "Seven dogs run."],
+     "gold": 0},
+    {"query": CHAT.format("What is another word for cold?"), "choices": ["Chilly.", "Hot.", "Of course! Chilly."],
+     "gold": 2},
+]

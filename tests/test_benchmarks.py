@@ -11,20 +11,12 @@ import torch
 import transformers as tf
 
 from jaxkd import benchmarks, data, loglikelihood, models, sharding, tiny
+from tests.data_references import CHAT, CHAT_MC_ROWS
 
 TEACHER = tiny.resolve("tiny:teacher-trained")
-CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-
-# Chat-formatted prompts the bundled teacher was trained on (so that it prefers some answers), choices of very
-# different lengths (so that acc and acc_norm differ), contexts ending in a space (moved to the continuation).
+# The chat rows, and one plain-text row.
 QUERY_ROWS = [
-    {"query": CHAT.format("What is 4 plus 9?") + "The answer is", "choices": ["13.", "12.", "31.", "9."], "gold": 0},
-    {"query": CHAT.format("20 - 14 = ?") + "The answer is ", "choices": ["6.", "34.", "5.", "a cat."], "gold": 0},
-    {"query": CHAT.format("2 + 6 = ?") + "2 + 6 =", "choices": ["8.", "the number eight.", "26."], "gold": 1},
-    {"query": CHAT.format("Name 2 fruits."), "choices": ["Grape and banana.", "Blue.", "Seven dogs run."],
-     "gold": 0},
-    {"query": CHAT.format("What is another word for cold?"), "choices": ["Chilly.", "Hot.", "Of course! Chilly."],
-     "gold": 2},
+    *CHAT_MC_ROWS,
     {"query": "Question: What is 3 plus 4?\nAnswer:", "choices": ["7", "8", "43"], "gold": 0},
 ]
 
