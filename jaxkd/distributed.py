@@ -4,10 +4,11 @@ One process per host (or, in tests, several on one machine), each owning its loc
 joins them through `jax.distributed` before any device is touched; from then on `jax.devices()` lists every
 process's devices and each jitted step is one program over all of them.
 
-Preemption: a scheduler sends SIGTERM some time before it kills a job. `PreemptionWatch.reached(step)`
-tells the loop to save `step` and stop. With one process it is our own SIGTERM handler; with several, it
-is JAX's preemption sync point, which spreads the notice that reached any one process to all of them
-and picks one step at which every process saves, so their shards of a checkpoint belong together.
+Preemption: a scheduler sends SIGTERM some time before it kills a job. `PreemptionWatch.reached()`, called
+once per step, tells the loop to save the step it just ran and stop. With one process it is our own SIGTERM
+handler; with several, it is JAX's preemption sync point, which spreads the notice that reached any one
+process to all of them and picks one step at which every process saves, so their shards of a checkpoint
+belong together.
 
 A process that dies (kill -9, out of memory, a lost host) stops sending heartbeats; after
 `distributed.heartbeat_timeout_s` JAX's coordination service aborts the others (SIGABRT, exit status
@@ -88,15 +89,21 @@ def initialize(dcfg) -> bool:
 
 
 class PreemptionWatch:
-  """`reached(step)`: True at the step at which this run should save and stop after a SIGTERM.
+  """`reached()`: True at the step at which this run should save and stop after a SIGTERM.
 
-  Call it at every step on every process (the multi-process sync point counts on it). `close()` puts the
+  Call it once per step on every process (the multi-process sync point counts on it). `close()` puts the
   previous SIGTERM handler back.
+
+  JAX's sync point is the fastest process's last counter + 1, and a process that has not called yet counts
+  as 0. So the counter is this start's number of calls (1 at its first step), not the global step: a notice
+  that lands during a resumed run's restore or compile (every counter still 0) then picks the first step,
+  where the global step (resumed from 3, first step 4) would pick 1, a point no process ever reaches.
   """
 
   def __init__(self):
     self.multi = jax.process_count() > 1
     self.signalled = False
+    self._calls = 0
     self._previous = None
     # With several processes JAX's preemption service owns SIGTERM (a handler of ours would hide the notice
     # from it); with one, a flag is all it takes. Handlers can only be installed from the main thread.
@@ -107,10 +114,11 @@ class PreemptionWatch:
     del signum, frame
     self.signalled = True
 
-  def reached(self, step: int) -> bool:
+  def reached(self) -> bool:
+    self._calls += 1
     if self.multi:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      return bool(multihost_utils.reached_preemption_sync_point(step))
+      return bool(multihost_utils.reached_preemption_sync_point(self._calls))
     return self.signalled
 
   def close(self) -> None:

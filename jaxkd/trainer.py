@@ -224,7 +224,7 @@ class Run:
       pending = (step, metrics)
       if c.debug.step_delay_s:
         time.sleep(c.debug.step_delay_s)
-      preempted = watch.reached(step)
+      preempted = watch.reached()
       if preempted or step % c.checkpoint_every == 0 or step == c.steps:
         # This step's numbers first: under nonfinite="stop" a NaN step must end the run before it is saved.
         self._report(report, *pending)
