@@ -25,8 +25,11 @@ resident-set high-water mark (`getrusage(RUSAGE_SELF).ru_maxrss`: host memory, i
 after the imports is printed beside it), and on a GPU also the device's peak (`torch.cuda.max_memory_allocated`,
 jax's `memory_stats()["peak_bytes_in_use"]`). After its steps each side also times the four products with the
 vocabulary that any such step computes (`head_products`) on their own: on a CPU they are most of both steps, and
-torch step / jaxkd's products bounds the speed-up any loss code can reach there. The two sides run back to back --pairs times; every pair is a row of
-BENCHMARKS.md ("Against PyTorch") with the command, the commit and the machine's load.
+torch step / jaxkd's products bounds the speed-up any loss code can reach there. The jaxkd side also times the least
+elementwise work the objective needs (`exp_floor`): three exp passes over every (token, column) pair, for the
+student's distributions at tau and at 1 and the teacher's at tau; torch step / (products + those passes) is the
+speed-up that no loss written in XLA's operations on this backend can pass. The two sides run back to back --pairs
+times; every pair is a row of BENCHMARKS.md ("Against PyTorch") with the command, the commit and the machine's load.
 
     python scripts/bench_vs_torch.py                                   # issue 20's shapes: Qwen2 vocab, 2 x 1024 tokens
     python scripts/bench_vs_torch.py --device cuda --dtype bfloat16    # on a GPU (jax takes its default backend)
@@ -150,6 +153,16 @@ def head_products(spec: dict) -> list[tuple[int, int, int]]:
   return [(n, ds, v), (n, v, ds), (ds, n, v), (n, dt, v)]
 
 
+def exp_floor(exp_chunk_s: float, spec: dict, chunk: int) -> float:
+  """Seconds of the objective's least elementwise work from the time of one exp over a [chunk, V] float32 array.
+
+  The value and gradient of alpha * tau^2 * KL(p_T^tau || p_S^tau) + (1 - alpha) * CE need exp of the student's
+  logits at tau and at 1 and of the teacher's at tau over every (token, column) pair, whatever the code: three
+  passes over the [N, V] logits, before any max, sum, log or write of a gradient. (With alpha = 0 or 1 it is less.)
+  """
+  return 3 * exp_chunk_s * spec["batch"] * spec["seq_len"] / chunk
+
+
 def best_of(fn, repeats: int = 3) -> float:
   """The least wall time of `repeats` calls after one warm-up (fn waits for its result)."""
   fn()
@@ -209,9 +222,13 @@ def run_jaxkd(spec: dict) -> dict:
     b = jax.device_put(jnp.ones((k, n), compute), device)
     matmul_s += best_of(lambda: matmul(a, b).block_until_ready())  # noqa: B023
     del a, b
+  logits = jax.device_put(jnp.ones((chunk, spec["student"]["vocab_size"]), jnp.float32), device)
+  exp = jax.jit(jnp.exp)
+  exp_s = exp_floor(best_of(lambda: exp(logits).block_until_ready()), spec, chunk)
+  del logits
   return {"step_s": res["step_s"], "step_min_s": res["step_min_s"], "cpu_s": statistics.median(cpu),
           "loss": res["loss"], "warmup_s": res["lower_s"] + res["compile_s"], "rss_after_import_gib": after_import,
-          "peak_rss_gib": peak, "matmul_s": matmul_s,
+          "peak_rss_gib": peak, "matmul_s": matmul_s, "exp_s": exp_s,
           "device_peak_gib": stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None,
           "student_params": count(runner.state.params["student"]), "teacher_params": count(t_params),
           "batch_shape": list(batch["input_ids"].shape), "chunk": chunk,
@@ -354,11 +371,15 @@ sensitive to other jobs on a shared CPU); memory ratio = jaxkd peak / torch peak
 average before and after the pair (a shared CPU). Head products: the four matrix products with the vocabulary that
 any such step computes (the student's logits and their two backward products, the teacher's logits), timed alone on
 each side in its compute dtype after the steps; bound = torch step / jaxkd's head products, the speed-up jaxkd would
-reach if everything else in its step took no time.
+reach if everything else in its step took no time. Exp floor: three float32 exp passes over every (token, column)
+pair in XLA (jax.jit(jnp.exp) on one [chunk, V] array, scaled to the tokens), the least elementwise work the
+objective's value and gradient need (the student's distributions at tau and at 1, the teacher's at tau; no max, sum,
+log or gradient write counted); floor bound = torch step / (jaxkd's head products + exp floor), the speed-up no loss
+written in XLA's operations can pass on that backend.
 """
 
 HEADER = ["date", "commit", "hardware", "config", "load", "jaxkd step s", "torch step s", "speed-up",
-          "CPU-time speed-up", "head products s jaxkd / torch", "bound", "jaxkd peak RSS GiB", "torch peak RSS GiB",
+          "CPU-time speed-up", "head products s jaxkd / torch", "bound", "exp floor s", "floor bound", "jaxkd peak RSS GiB", "torch peak RSS GiB",
           "RSS ratio", "device peak GiB jaxkd / torch", "device ratio"]
 
 
@@ -385,9 +406,10 @@ def main(argv=None):
       r = res[side] = run_child(side, spec)
       dev = "" if r["device_peak_gib"] is None else f"; device peak {r['device_peak_gib']:.3f} GiB"
       chunk = f", fused-loss chunk {r['chunk']} tokens" if "chunk" in r else ""
+      exps = f"; exp floor {r['exp_s']:.4g} s" if "exp_s" in r else ""
       print(f"{side}: {r['device']}{chunk}; {shapes(r)}; step {r['step_s']:.4g} s (median of {args.steps} after "
             f"{args.warmup} warm-up, which took {r['warmup_s']:.1f} s; min {r['step_min_s']:.4g}; CPU time "
-            f"{r['cpu_s']:.4g} s); head products {r['matmul_s']:.4g} s; peak RSS {r['peak_rss_gib']:.3f} GiB ({r['rss_after_import_gib']:.3f} after "
+            f"{r['cpu_s']:.4g} s); head products {r['matmul_s']:.4g} s{exps}; peak RSS {r['peak_rss_gib']:.3f} GiB ({r['rss_after_import_gib']:.3f} after "
             f"imports){dev}; loss {r['loss']:.4f}", flush=True)
     load_after = os.getloadavg()[0]
     check_same_shapes(res)
@@ -399,9 +421,11 @@ def main(argv=None):
                 f"GiB / torch {t['device_peak_gib']:.3f} GiB)")
     cpu_speedup = t["cpu_s"] / j["cpu_s"]  # on a loaded machine, less noisy than the wall time
     bound = t["step_s"] / j["matmul_s"]  # were all but jaxkd's head products free
+    floor_bound = t["step_s"] / (j["matmul_s"] + j["exp_s"])  # ... and the three exp passes of the objective
     print(f"pair {pair} (load {load_before:.1f} -> {load_after:.1f}): speed-up {speedup:.3f}x "
           f"(torch {t['step_s']:.4g} s / jaxkd {j['step_s']:.4g} s; in CPU time {cpu_speedup:.3f}x; at most "
-          f"{bound:.3f}x with jaxkd's head products alone, {j['matmul_s']:.4g} s against torch's {t['matmul_s']:.4g}); "
+          f"{bound:.3f}x with jaxkd's head products alone, {j['matmul_s']:.4g} s against torch's {t['matmul_s']:.4g}; at "
+          f"most {floor_bound:.3f}x with those and the exp floor, {j['exp_s']:.4g} s); "
           f"peak RSS ratio {rss_ratio:.3f} (jaxkd {j['peak_rss_gib']:.3f} GiB / torch {t['peak_rss_gib']:.3f} GiB)"
           f"{dev_text}", flush=True)
     # On a GPU the memory that limits a run is the device's; on a CPU it is the host's.
@@ -413,7 +437,8 @@ def main(argv=None):
           datetime.date.today().isoformat(), bench.commit(), f"{j['device']}; {t['device']}",
           f"`{command}`: {shapes(j)}, jaxkd chunk {j['chunk']}", f"{load_before:.1f} -> {load_after:.1f}",
           f"{j['step_s']:.4f}", f"{t['step_s']:.4f}", f"{speedup:.2f}x", f"{cpu_speedup:.2f}x",
-          f"{j['matmul_s']:.3g} / {t['matmul_s']:.3g}", f"{bound:.2f}x", f"{j['peak_rss_gib']:.2f}",
+          f"{j['matmul_s']:.3g} / {t['matmul_s']:.3g}", f"{bound:.2f}x", f"{j['exp_s']:.3g}", f"{floor_bound:.2f}x",
+          f"{j['peak_rss_gib']:.2f}",
           f"{t['peak_rss_gib']:.2f}", f"{rss_ratio:.2f}", devs, "—" if dev_ratio is None else f"{dev_ratio:.2f}"])
   met = lambda ok: f"in {sum(ok)} of {len(ok)} pair(s)"  # noqa: E731
   which = "device" if pairs[0]["device_ratio"] is not None else "peak RSS"

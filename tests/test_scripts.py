@@ -147,11 +147,13 @@ def test_bench_vs_torch_runs_both_sides_on_the_same_shapes_and_records_their_rat
   sides = {}
   for side in ("jaxkd", "torch"):
     line = next(l for l in out.splitlines() if l.startswith(f"{side}: "))
-    student, teacher, rows, cols, step_s, cpu_s, mm_s, rss, loss = re.search(
+    student, teacher, rows, cols, step_s, cpu_s, mm_s, exp_s, rss, loss = re.search(
         r"student ([\d,]+) parameters, teacher ([\d,]+), batch (\d+) x (\d+) tokens; step ([0-9.e+-]+) s .*"
-        r"CPU time ([0-9.e+-]+) s\); head products ([0-9.e+-]+) s; peak RSS ([0-9.]+) GiB .*; loss ([0-9.]+)$",
-        line).groups()
+        r"CPU time ([0-9.e+-]+) s\); head products ([0-9.e+-]+) s(?:; exp floor ([0-9.e+-]+) s)?; peak RSS ([0-9.]+) "
+        r"GiB .*; loss ([0-9.]+)$", line).groups()
     sides[side] = dict(step=float(step_s), cpu=float(cpu_s), mm=float(mm_s), rss=float(rss), loss=float(loss))
+    assert (exp_s is not None) == (side == "jaxkd"), line  # the floor is XLA's: the jaxkd side times it
+    sides[side]["exp"] = exp_s and float(exp_s)
     assert 0 < sides[side]["mm"], line
     # Both ran the models the flags describe (teacher MLP 3 x 64 by default, untied) on the 2 x 32 batch.
     assert int(student.replace(",", "")) == _qwen2_params(32, 1, 2, 1, 64, vocab, tied=True), line
@@ -160,12 +162,15 @@ def test_bench_vs_torch_runs_both_sides_on_the_same_shapes_and_records_their_rat
     # The same objective: near-uniform random models give CE ~ ln V and a KD term near 0, mixed half and half.
     assert abs(sides[side]["loss"] - 0.5 * np.log(vocab)) < 0.01, line
   pair = next(l for l in out.splitlines() if l.startswith("pair 1 "))
-  speedup, t_s, j_s, cpu_speedup, bound, j_mm, t_mm, rss_ratio, j_rss, t_rss = map(float, re.search(
+  (speedup, t_s, j_s, cpu_speedup, bound, j_mm, t_mm, floor_bound, j_exp, rss_ratio, j_rss,
+   t_rss) = map(float, re.search(
       r"speed-up ([0-9.]+)x \(torch ([0-9.e+-]+) s / jaxkd ([0-9.e+-]+) s; in CPU time ([0-9.]+)x; at most "
-      r"([0-9.]+)x with jaxkd's head products alone, ([0-9.e+-]+) s against torch's ([0-9.e+-]+)\); "
-      r"peak RSS ratio ([0-9.]+) \(jaxkd ([0-9.]+) GiB / torch ([0-9.]+) GiB\)", pair).groups())
+      r"([0-9.]+)x with jaxkd's head products alone, ([0-9.e+-]+) s against torch's ([0-9.e+-]+); at most "
+      r"([0-9.]+)x with those and the exp floor, ([0-9.e+-]+) s\); peak RSS ratio ([0-9.]+) \(jaxkd ([0-9.]+) GiB / torch ([0-9.]+) GiB\)", pair).groups())
   assert (j_mm, t_mm) == (sides["jaxkd"]["mm"], sides["torch"]["mm"]), pair
   assert abs(bound - t_s / j_mm) <= 5e-4 + 2e-3 * bound
+  assert 0 < j_exp == sides["jaxkd"]["exp"], pair
+  assert abs(floor_bound - t_s / (j_mm + j_exp)) <= 5e-4 + 2e-3 * floor_bound
   assert (j_s, t_s, j_rss, t_rss) == (sides["jaxkd"]["step"], sides["torch"]["step"], sides["jaxkd"]["rss"],
                                       sides["torch"]["rss"]), pair
   assert abs(speedup - t_s / j_s) <= 5e-4 + 2e-3 * speedup  # times printed to 4 digits, ratios to 3 places
@@ -177,4 +182,5 @@ def test_bench_vs_torch_runs_both_sides_on_the_same_shapes_and_records_their_rat
   cells = [c.strip() for c in added[0].strip().strip("|").split("|")]
   assert cells[7].endswith("x") and abs(float(cells[7][:-1]) - speedup) <= 0.0051, cells  # as printed, 2 places
   assert abs(float(cells[10].rstrip("x")) - bound) <= 0.0051 + 3e-3 * bound, cells
-  assert abs(float(cells[13]) - rss_ratio) <= 0.0051, cells
+  assert abs(float(cells[12].rstrip("x")) - floor_bound) <= 0.0051 + 3e-3 * floor_bound, cells
+  assert abs(float(cells[15]) - rss_ratio) <= 0.0051, cells
