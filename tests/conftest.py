@@ -27,6 +27,18 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# pytest-xdist (--dist loadfile, --no-loadscope-reorder in pyproject) hands out whole files in collection order. These
+# files take the longest (2 to 5 minutes each with a cold compilation cache, `pytest --durations`), and a long one
+# handed out last keeps one worker busy while the other idles; so they go first and the many short files fill the end.
+SLOWEST_FILES = ("test_hidden.py", "test_resilience.py", "test_multiprocess.py", "test_scripts.py", "test_on_policy.py",
+                 "test_lora.py", "test_train.py", "test_sampling.py", "test_step.py", "test_colab.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def hf_factory(tmp_path_factory):
   """make(name, hf_config) -> folder of a random tiny transformers model saved with save_pretrained."""
