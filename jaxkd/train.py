@@ -7,7 +7,8 @@ have (same devices). A workdir holding a run of another config is refused unless
 Exit status:
   0    finished: trained, evaluated, exported.
   75   preempted (EX_TEMPFAIL, "try again later"): a SIGTERM arrived, the step reached was checkpointed (during
-       start-up, before the first step of this start: stopped at once, with nothing new to save).
+       start-up, before the first step of this start: stopped at once, with nothing new to save; with several
+       processes, once they have joined, JAX holds the notice and all of them save the first step they run).
        Rerun the same command to resume.
   1    an error, printed as `error: ...`: a bad config value, weights or data; checkpoints none of which can
        be restored; a failed save (a full disk); NaN/Inf under nonfinite="stop". Nothing already saved is
