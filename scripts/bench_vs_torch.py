@@ -379,8 +379,8 @@ written in XLA's operations can pass on that backend.
 """
 
 HEADER = ["date", "commit", "hardware", "config", "load", "jaxkd step s", "torch step s", "speed-up",
-          "CPU-time speed-up", "head products s jaxkd / torch", "bound", "exp floor s", "floor bound", "jaxkd peak RSS GiB", "torch peak RSS GiB",
-          "RSS ratio", "device peak GiB jaxkd / torch", "device ratio"]
+          "CPU-time speed-up", "head products s jaxkd / torch", "bound", "exp floor s", "floor bound",
+          "jaxkd peak RSS GiB", "torch peak RSS GiB", "RSS ratio", "device peak GiB jaxkd / torch", "device ratio"]
 
 
 def main(argv=None):
@@ -438,8 +438,8 @@ def main(argv=None):
           f"`{command}`: {shapes(j)}, jaxkd chunk {j['chunk']}", f"{load_before:.1f} -> {load_after:.1f}",
           f"{j['step_s']:.4f}", f"{t['step_s']:.4f}", f"{speedup:.2f}x", f"{cpu_speedup:.2f}x",
           f"{j['matmul_s']:.3g} / {t['matmul_s']:.3g}", f"{bound:.2f}x", f"{j['exp_s']:.3g}", f"{floor_bound:.2f}x",
-          f"{j['peak_rss_gib']:.2f}",
-          f"{t['peak_rss_gib']:.2f}", f"{rss_ratio:.2f}", devs, "—" if dev_ratio is None else f"{dev_ratio:.2f}"])
+          f"{j['peak_rss_gib']:.2f}", f"{t['peak_rss_gib']:.2f}", f"{rss_ratio:.2f}", devs,
+          "—" if dev_ratio is None else f"{dev_ratio:.2f}"])
   met = lambda ok: f"in {sum(ok)} of {len(ok)} pair(s)"  # noqa: E731
   which = "device" if pairs[0]["device_ratio"] is not None else "peak RSS"
   print(f"goal (speed-up >= {GOAL_SPEEDUP:g}, {which} ratio <= {GOAL_MEMORY:.3f}): speed met "

@@ -166,7 +166,8 @@ def test_bench_vs_torch_runs_both_sides_on_the_same_shapes_and_records_their_rat
    t_rss) = map(float, re.search(
       r"speed-up ([0-9.]+)x \(torch ([0-9.e+-]+) s / jaxkd ([0-9.e+-]+) s; in CPU time ([0-9.]+)x; at most "
       r"([0-9.]+)x with jaxkd's head products alone, ([0-9.e+-]+) s against torch's ([0-9.e+-]+); at most "
-      r"([0-9.]+)x with those and the exp floor, ([0-9.e+-]+) s\); peak RSS ratio ([0-9.]+) \(jaxkd ([0-9.]+) GiB / torch ([0-9.]+) GiB\)", pair).groups())
+      r"([0-9.]+)x with those and the exp floor, ([0-9.e+-]+) s\); peak RSS ratio ([0-9.]+) \(jaxkd ([0-9.]+) GiB / "
+      r"torch ([0-9.]+) GiB\)", pair).groups())
   assert (j_mm, t_mm) == (sides["jaxkd"]["mm"], sides["torch"]["mm"]), pair
   assert abs(bound - t_s / j_mm) <= 5e-4 + 2e-3 * bound
   assert 0 < j_exp == sides["jaxkd"]["exp"], pair
