@@ -9,6 +9,8 @@ _QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "attenti
           "max_position_embeddings": 131072, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
           "sliding_window": 131072, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False}
 
+# Qwen3's shared keys and the shapes below agree, key by key, with public copies of Qwen3-8B's and Qwen3-4B's
+# config.json found in other projects' code (the hub is not reachable from where this was written).
 _QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
           "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128,
           "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": 40960, "rms_norm_eps": 1e-06,
