@@ -2,6 +2,7 @@
 alone (its gradient from the full model's by the chain rule, its optimizer state and compiled memory), and a run:
 resumed bitwise, exported merged (transformers' forward) and as a PEFT folder (peft's forward on the base model)."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -106,6 +107,8 @@ def test_bad_lora_settings_are_refused_at_start_naming_the_key(bad, match):
 
 LORA = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=ALL)
 LC = loss_config(alpha=0.5, temperature=2.0, vocab_size=V, chunk_size=48)
+CACHED_LC = dataclasses.replace(LC, cached=True)
+TOP_K = 8  # a cached teacher's stored log-probs per token
 
 
 def _lora_student(cfg=LORA):
@@ -118,7 +121,8 @@ def _lora_student(cfg=LORA):
   return student
 
 
-def _step(cfg=LORA, lora_seed=0):
+def _step(cfg=LORA, lora_seed=0, cached=False):
+  """The LoRA step; `cached`: its teacher is the stored top-k read with the batch (`with_top_k`), not a model."""
   student = _lora_student(cfg)
   teacher = Transformer(TEACHER, rngs=nnx.Rngs(1))
   optimizer, lr = optim.make_optimizer(optimizer_config(), 3)
@@ -127,17 +131,27 @@ def _step(cfg=LORA, lora_seed=0):
   params = {"student": nnx.to_pure_dict(nnx.state(student, lora.ADAPTERS))}
   base = nnx.to_pure_dict(nnx.state(student, lora.BASE))
   state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
-  fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lr, LC, lora_seed=lora_seed)
-  return fn, state, step_lib.frozen_input(t_params, base), student, (t_def, t_params)
+  source, lc = (signals.CachedTeacher(), CACHED_LC) if cached else (signals.online(t_def), LC)
+  fn = step_lib.make_train_step(s_def, source, optimizer, lr, lc, lora_seed=lora_seed)
+  return fn, state, step_lib.frozen_input(None if cached else t_params, base), student, (t_def, t_params)
 
 
-def test_the_step_trains_the_adapters_alone_with_the_chain_rules_gradient():
+def with_top_k(batch, t_def, t_params):
+  """`batch` with the teacher's top-k at each token, as `python -m jaxkd.capture` stores and a run reads them."""
+  idx, lp = signals.top_k_fn(t_def, TOP_K, V, LC.chunk_size)(t_params, batch)
+  return {**batch, "teacher_indices": idx, "teacher_logprobs": lp}
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["online_teacher", "cached_teacher"])
+def test_the_step_trains_the_adapters_alone_with_the_chain_rules_gradient(cached):
   """The step's gradient norm is that of dL/dA = s dL/dW B^T and dL/dB = s A^T dL/dW, from the gradient of the
   same loss in the model without adapters whose kernels are the merged W + s A B; the base weights, an input
   beside the teacher's, come out bitwise as they went in (and alive: not donated); the optimizer holds moments
-  for the adapters alone."""
-  fn, state, frozen, student, (t_def, t_params) = _step()
+  for the adapters alone. With the teacher model, and with its top-k read from a cache."""
+  fn, state, frozen, student, (t_def, t_params) = _step(cached=cached)
   batch = packed_batch(0)
+  if cached:
+    batch = with_top_k(batch, t_def, t_params)
   base_before = jax.device_get(frozen["student"])
   adapters = jax.device_get(state.params["student"])  # (the step donates them)
   new_state, metrics = fn(state, frozen, batch)
@@ -157,12 +171,12 @@ def test_the_step_trains_the_adapters_alone_with_the_chain_rules_gradient():
     ad = adapters["layers"][part][name]
     k = p_params["layers"][part][name]
     k["kernel"] = lora.merged_kernel(k["kernel"], ad["lora_a"], ad["lora_b"], LORA.scale)
-  teacher_signal = signals.online(t_def)
+  lc = CACHED_LC if cached else LC
+  signal = (signals.CachedTeacher()(None, batch, lc) if cached else signals.online(t_def)(t_params, batch, lc))
 
   def loss(p):
-    n_tokens, n_hidden = step_lib.batch_counts(batch, LC)
-    return step_lib.objective(nnx.merge(p_def, p), None, teacher_signal(t_params, batch, LC), batch, LC, n_tokens,
-                              n_hidden)[0]
+    n_tokens, n_hidden = step_lib.batch_counts(batch, lc)
+    return step_lib.objective(nnx.merge(p_def, p), None, signal, batch, lc, n_tokens, n_hidden)[0]
 
   g = jax.grad(loss)(p_params)
   sq = 0.0
@@ -173,6 +187,7 @@ def test_the_step_trains_the_adapters_alone_with_the_chain_rules_gradient():
     sq += float(jnp.sum(da ** 2) + jnp.sum(db ** 2))
   np.testing.assert_allclose(float(metrics["grad_norm"]), np.sqrt(sq), rtol=1e-4)
   np.testing.assert_allclose(float(metrics["loss"]), float(loss(p_params)), rtol=1e-5)
+  assert float(metrics["kd"]) > 1e-3  # the teacher's term is in the loss, from either source
 
 
 def test_adapter_dropout_acts_in_the_train_step_alone_and_its_key_follows_the_step():
