@@ -121,6 +121,11 @@ def _lora_student(cfg=LORA):
   return student
 
 
+def _teacher(cached, t_def):
+  """(the step's teacher source, its loss settings): the teacher model, or its top-k read with the batch."""
+  return (signals.CachedTeacher(), CACHED_LC) if cached else (signals.online(t_def), LC)
+
+
 def _step(cfg=LORA, lora_seed=0, cached=False):
   """The LoRA step; `cached`: its teacher is the stored top-k read with the batch (`with_top_k`), not a model."""
   student = _lora_student(cfg)
@@ -131,7 +136,7 @@ def _step(cfg=LORA, lora_seed=0, cached=False):
   params = {"student": nnx.to_pure_dict(nnx.state(student, lora.ADAPTERS))}
   base = nnx.to_pure_dict(nnx.state(student, lora.BASE))
   state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
-  source, lc = (signals.CachedTeacher(), CACHED_LC) if cached else (signals.online(t_def), LC)
+  source, lc = _teacher(cached, t_def)
   fn = step_lib.make_train_step(s_def, source, optimizer, lr, lc, lora_seed=lora_seed)
   return fn, state, step_lib.frozen_input(None if cached else t_params, base), student, (t_def, t_params)
 
@@ -171,8 +176,8 @@ def test_the_step_trains_the_adapters_alone_with_the_chain_rules_gradient(cached
     ad = adapters["layers"][part][name]
     k = p_params["layers"][part][name]
     k["kernel"] = lora.merged_kernel(k["kernel"], ad["lora_a"], ad["lora_b"], LORA.scale)
-  lc = CACHED_LC if cached else LC
-  signal = (signals.CachedTeacher()(None, batch, lc) if cached else signals.online(t_def)(t_params, batch, lc))
+  source, lc = _teacher(cached, t_def)
+  signal = source(None if cached else t_params, batch, lc)
 
   def loss(p):
     n_tokens, n_hidden = step_lib.batch_counts(batch, lc)
