@@ -9,7 +9,8 @@ just scales them by the incoming cotangent: nothing is recomputed, neither the t
 
 The per-chunk math is `per_token_divergence`'s own body (`_divergence`) and the label pick of `cross_entropy_loss`,
 differentiated with `jax.value_and_grad` on the chunk's logits inside the loop, so the fused loss has no second copy of
-the divergence formulas that could drift from `kd_loss`. `jaxkd.losses` holds those reference definitions and the same
+the divergence formulas that could drift from `kd_loss`. The one exception is a monitoring metric, not the loss: the KL
+at temperature 1 is formed from row statistics (`_kl1_and_teacher_lse`), and the tests hold it to the reference. `jaxkd.losses` holds those reference definitions and the same
 objective on materialised logits (`losses.distill_sums`); the tests compare the fused loss with them.
 """
 
@@ -192,12 +193,29 @@ def _mask_columns(logits_CxV, vocab):
   return jnp.where(col_ok_V, logits_CxV, _MASKED_LOGIT)
 
 
-def _nll(logits_CxV, labels_C, vocab):
-  """Per-token -log softmax[label], NaN on labels outside [0, vocab) like CE."""
+def _nll(logits_CxV, labels_C, vocab, lse_C=None):
+  """Per-token -log softmax[label], NaN on labels outside [0, vocab) like CE; lse_C: the rows' log-sum-exp if known."""
   picked_C, valid_C = _label_logits(logits_CxV, labels_C)
   valid_C = valid_C & (labels_C < vocab)
-  nll_C = jax.nn.logsumexp(logits_CxV, axis=-1) - picked_C
-  return jnp.where(valid_C, nll_C, jnp.nan)
+  if lse_C is None:
+    lse_C = jax.nn.logsumexp(logits_CxV, axis=-1)
+  return jnp.where(valid_C, lse_C - picked_C, jnp.nan)
+
+
+def _kl1_and_teacher_lse(zs_CxV, zt_CxV, lse_s_C):
+  """Per-row KL(softmax(zt) || softmax(zs)) and the teacher's log-sum-exp, from one exp pass over the teacher.
+
+  A monitoring metric, so not `_divergence` at temperature 1, which forms both log-softmaxes and the teacher's
+  probabilities: three exps per (token, column) where this takes one (BENCHMARKS.md, "The chunk's metrics"). With m the
+  teacher's row max and e = exp(zt - m): lse_t = m + log sum e, and KL = sum e (zt - zs) / sum e - lse_t + lse_s, the
+  same quantity as `_kl_from_logs`'s (tests/test_fused_loss.py holds the two together). Masked columns (-1e30 in both)
+  add 0. The max is a reduction, not a gather at the argmax, which would gather across vocab shards.
+  """
+  max_t_C = jnp.max(zt_CxV, axis=-1, keepdims=True)
+  e_CxV = jnp.exp(zt_CxV - max_t_C)
+  z_C = jnp.sum(e_CxV, axis=-1)
+  lse_t_C = max_t_C[:, 0] + jnp.log(z_C)
+  return jnp.sum(e_CxV * (zt_CxV - zs_CxV), axis=-1) / z_C - lse_t_C + lse_s_C, lse_t_C
 
 
 def _matmul(a_CxD, b_DxV):
@@ -260,7 +278,8 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
       parts["kd_sum"] = tau**2 * masked_sum_and_count(d_C, keep_C)[0]
       total = total + w_kd * parts["kd_sum"]
     if spec.with_labels:
-      parts["ce_sum"] = masked_sum_and_count(_nll(zs_CxV, labels_C, spec.vocab), keep_C)[0]
+      parts["lse_C"] = jax.nn.logsumexp(zs_CxV, axis=-1)  # also the metrics' (below)
+      parts["ce_sum"] = masked_sum_and_count(_nll(zs_CxV, labels_C, spec.vocab, parts["lse_C"]), keep_C)[0]
       # alpha == 1 (static): CE is reported, but not differentiated.
       if not (isinstance(w_ce, float) and w_ce == 0.0):
         total = total + w_ce * parts["ce_sum"]
@@ -316,16 +335,17 @@ def _fused_scan(spec, hp, h_s_NxDs, head_s_DsxV, h_t_NxDt, head_t_DtxV, labels_N
         top1_C = jnp.argmax(zt_CxV, axis=-1)
       new["agree_sum"] = masked_sum_and_count(pred_C == top1_C, keep_C)[0]
       static_tau = dict(spec.static_hparams).get("temperature")
+      lse_t_C = None
       if spec.kind == "forward_kl" and static_tau == 1.0 and spec.teacher_top_k is None:
         kl1_C = parts["d_C"]
       elif spec.cached:  # over the stored top-k, as the loss sees the teacher
         kl1_C = divergence(zs_cut_CxV, zt_CxV, "forward_kl", 1.0)
       else:
-        kl1_C = _divergence(zs_cut_CxV, zt_CxV, kind="forward_kl", temperature=1.0, beta=None, skew=None,
-                            teacher_top_k=None)
+        lse_s_C = parts["lse_C"] if spec.with_labels else jax.nn.logsumexp(zs_cut_CxV, axis=-1)
+        kl1_C, lse_t_C = _kl1_and_teacher_lse(zs_cut_CxV, zt_CxV, lse_s_C)
       new["kl1_sum"] = masked_sum_and_count(kl1_C, keep_C)[0]
       if spec.with_labels and not spec.cached:  # the label's teacher log-prob is stored only if in the top-k
-        new["teacher_ce_sum"] = masked_sum_and_count(_nll(zt_CxV, labels_C, spec.vocab), keep_C)[0]
+        new["teacher_ce_sum"] = masked_sum_and_count(_nll(zt_CxV, labels_C, spec.vocab, lse_t_C), keep_C)[0]
     sums = {name: sums[name] + value.astype(f32) for name, value in new.items()}
     return (dW_TxDsxV, dh_CxKxDs, sums), None
 
