@@ -27,6 +27,17 @@ over-counts). Both are cross-checked against the matmul FLOPs counted by hand,
 
 Chunk 0 is the default: `fused_loss.chunk_for` the heads' width and the 1 GiB budget (its size is printed).
 With --time R the compiled fused loss also runs R times on random inputs after a warm-up (the median is printed).
+
+For each chunk size it also prints the elementwise work of one trip, from XLA's cost analysis of the loss compiled
+for N = chunk tokens: transcendentals (exp, log) and bytes accessed per (token, column) entry. The matmuls' share of
+the bytes is small at these widths, so these say how many passes over the chunk's [C, V] arrays the loss, its
+gradient and (with --metrics) its monitoring sums take (each float32 pass reads or writes 4 bytes an entry).
+
+    python scripts/bench_loss_memory.py --tokens 8192 --chunk_size 0 --temperature 2 --metrics --tpu v5p-8
+
+--metrics makes the fused loss return its monitoring sums as the train step does (without it XLA drops their work).
+--tpu SLICE compiles for one chip of that TPU slice on the compile-only devices of libtpu (no TPU needed, e.g.
+under JAX_PLATFORMS=cpu), instead of the default backend; it cannot be combined with --time.
 """
 
 from __future__ import annotations
@@ -38,7 +49,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxkd import aot
 from jaxkd.fused_loss import chunk_for, fused_distill_sums
 from jaxkd.losses import cross_entropy_loss, kd_loss
 
@@ -59,15 +72,27 @@ def parse_args(argv=None):
     parser.add_argument("--vocab_size", type=int, default=151646,
                         help="tokenizer vocabulary the logits are cut to (0: no cut)")
     parser.add_argument("--kind", default="forward_kl")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="KD temperature (default 1.0, as the rows in BENCHMARKS.md before 2026-12-06 were "
+                             "made; the trainer's default is 2.0)")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--time", type=int, default=0, help="also run the fused loss this many times (0: compile only)")
-    return parser.parse_args(argv)
+    parser.add_argument("--metrics", action="store_true",
+                        help="the fused loss also returns its monitoring sums (accuracy, agreement, KL at 1, "
+                             "teacher CE), as the train step does")
+    parser.add_argument("--tpu", default="", help="compile for one chip of this TPU slice (v5p-8, v5e:2x2, ...) on "
+                                                  "libtpu's compile-only devices instead of the default backend")
+    args = parser.parse_args(argv)
+    if args.tpu and args.time:
+        parser.error("--tpu only compiles (its devices cannot run anything); drop --time, or --tpu to time on this "
+                     "machine's backend")
+    return args
 
 
 def losses(args):
     vocab_size = args.vocab_size or None
-    kd_kw = dict(kind=args.kind, vocab_size=vocab_size)
+    kd_kw = dict(kind=args.kind, vocab_size=vocab_size, temperature=args.temperature)
 
     def naive(h_s, w_s, h_t, w_t, labels, mask):
         logits_s = h_s @ w_s
@@ -79,21 +104,35 @@ def losses(args):
     def fused(h_s, w_s, h_t, w_t, labels, mask, *, chunk_size):
         total, aux = fused_distill_sums(h_s, w_s, labels, mask, h_t, w_t, alpha=args.alpha,
                                         chunk_size=chunk_size, **kd_kw)
-        return total / jnp.maximum(aux["count"], 1.0)
+        loss = total / jnp.maximum(aux["count"], 1.0)
+        # With --metrics the monitoring sums are outputs, as in the train step; otherwise XLA drops their work.
+        return (loss, aux) if args.metrics else loss
 
     return naive, fused
 
 
-def compile_stats(loss, n, args):
-    """(temp bytes, flops as counted by XLA, compile seconds, median run seconds or None) of
-    value_and_grad(loss)."""
+def tpu_mesh(name: str):
+    """A one-chip mesh on the compile-only devices of TPU slice `name`."""
+    device = aot.topology_devices(aot.parse_slice(name))[0]
+    return jax.sharding.Mesh(np.array([device]), ("chip",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def compile_stats(loss, n, args, mesh=None, has_aux=False):
+    """(temp bytes, XLA's cost analysis, compile seconds, median run seconds or None) of value_and_grad(loss), on
+    `mesh`'s one device if given."""
     dtype = jnp.dtype(args.dtype)
-    S = jax.ShapeDtypeStruct
+    sharding = {} if mesh is None else {"sharding": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
+    S = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, **sharding)  # noqa: E731
     shapes = (S((n, args.student_width), dtype), S((args.student_width, args.vocab), dtype),
               S((n, args.teacher_width), dtype), S((args.teacher_width, args.vocab), dtype),
               S((n,), jnp.int32), S((n,), jnp.bool_))
     start = time.perf_counter()
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*shapes).compile()
+    jitted = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=has_aux))
+    if mesh is None:
+        compiled = jitted.lower(*shapes).compile()
+    else:
+        with jax.set_mesh(mesh):
+            compiled = jitted.lower(*shapes).compile()
     seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one per program
@@ -110,7 +149,7 @@ def compile_stats(loss, n, args):
             jax.block_until_ready(compiled(*args_in))
             times.append(time.perf_counter() - start)
         run_s = sorted(times)[len(times) // 2]
-    return compiled.memory_analysis().temp_size_in_bytes, float(cost["flops"]), seconds, run_s
+    return compiled.memory_analysis().temp_size_in_bytes, cost, seconds, run_s
 
 
 def matmul_flops(n, args):
@@ -121,27 +160,40 @@ def main(argv=None):
     args = parse_args(argv)
     naive, fused = losses(args)
     print(f"command: python scripts/bench_loss_memory.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"backend: {jax.default_backend()}, jax {jax.__version__}; heads {args.vocab} columns, "
+    mesh = tpu_mesh(args.tpu) if args.tpu else None
+    target = f"one chip of TPU {args.tpu} (compile-only devices)" if args.tpu else jax.default_backend()
+    print(f"backend: {target}, jax {jax.__version__}; heads {args.vocab} columns, "
           f"vocab_size {args.vocab_size or 'none (no cut)'}, {args.dtype}, kind {args.kind}, "
-          f"alpha {args.alpha}; student width {args.student_width}, teacher width {args.teacher_width}")
-    print("compiling only (nothing is run) ...", flush=True)
+          f"temperature {args.temperature:g}, alpha {args.alpha}; student width {args.student_width}, "
+          f"teacher width {args.teacher_width}")
+    print("compiling, then running the fused loss ..." if args.time else "compiling only (nothing is run) ...",
+          flush=True)
 
     rows, naive_stats, fused_temp = [], {}, {}
-    one_chunk = {}
+    one_chunk = {}  # chunk -> XLA's cost analysis of one trip (the loss compiled for N = chunk)
     for n in args.tokens:
-        naive_stats[n] = compile_stats(naive, n, args) if not args.time else (None,) * 4
+        if not args.time:
+            temp, cost, seconds, _ = compile_stats(naive, n, args, mesh)
+            naive_stats[n] = (temp, float(cost["flops"]), seconds, None)
         for asked in args.chunk_size:
             chunk = asked or chunk_for(args.vocab)  # 0: the default, from the budget
             loss = lambda *a, chunk=chunk: fused(*a, chunk_size=chunk)  # noqa: E731
             if chunk not in one_chunk:
-                one_chunk[chunk] = compile_stats(loss, chunk, args)[1] if not args.time else 0.0
-            temp, flops_raw, seconds, run_s = compile_stats(loss, n, args)
+                one_chunk[chunk] = compile_stats(loss, chunk, args, mesh, args.metrics)[1]
+            temp, cost, seconds, run_s = compile_stats(loss, n, args, mesh, args.metrics)
             trips = -(-n // chunk)
-            flops = flops_raw + (trips - 1) * one_chunk[chunk]
+            flops_raw = float(cost["flops"])
+            flops = flops_raw + (trips - 1) * float(one_chunk[chunk]["flops"])
             fused_temp[n, asked] = temp
             rows.append((n, asked, f"{min(chunk, n)} (default)" if not asked else str(chunk), trips, temp, flops_raw, flops,
                          seconds, run_s))
 
+    print()
+    for chunk, cost in one_chunk.items():
+        entries = chunk * args.vocab
+        print(f"one trip of chunk {chunk} (value and gradient{', metrics' if args.metrics else ''}): "
+              f"{float(cost.get('transcendentals', 0.0)) / entries:.2f} transcendentals and "
+              f"{float(cost.get('bytes accessed', 0.0)) / entries:.1f} bytes accessed per (token, column)")
     print()
     if args.time:  # runs the fused loss only: the naive one's [N, V] logits are what it avoids
         print("| tokens | chunk | trips | fused temp GiB | fused ms a call (fwd + bwd, median) | compile s |")
