@@ -12,6 +12,9 @@
 #   vstorch  scripts/bench_vs_torch.py --device cuda: jaxkd's step against a DistillKit-style PyTorch step at Qwen2's
 #          vocabulary and 2,048 tokens (issue 20's shapes), float32 then bfloat16: speed-up and peak-memory ratios.
 #          Needs torch with CUDA and transformers on that machine (the env stage prints their versions).
+#   chunk  the bench step at the fused loss's default chunk (--chunk_size 0: its 1 GiB budget, 256 tokens at Qwen2's
+#          vocabulary) against the bench stage's 1,024: on a roofline from the TPU compiler's counts the loss's trips
+#          are memory-bound at 256 rows (BENCHMARKS.md, "The chunk's metrics, and the work one trip does").
 #
 #   bash scripts/gpu_check.sh                 # every stage, in that order
 #   bash scripts/gpu_check.sh tcost xla       # some stages (a second call, if the first ran out of time)
@@ -81,6 +84,7 @@ stage_smoke() { "$PY" scripts/bench.py --student tiny --teacher tiny --steps 3 -
 stage_bench() { "$PY" "${BENCH[@]}"; }
 stage_tcost() { "$PY" "${BENCH[@]}" --teacher_cost; }
 stage_xla() { "$PY" "${BENCH[@]}" --attention xla; }
+stage_chunk() { "$PY" "${BENCH[@]}" --chunk_size 0; }
 stage_vstorch() {
   local device=cuda
   [ "$PLATFORM" != cpu ] || device=cpu
@@ -90,7 +94,7 @@ stage_vstorch() {
 
 BENCH=(scripts/bench.py --student "$STUDENT" --teacher "$TEACHER" --seq_len "$SEQ" --batch "$BATCH"
        --remat dots_no_batch_attention --steps "$STEPS" --benchmarks "$BENCH_MD")
-ALL=(env attn smoke bench tcost xla vstorch)
+ALL=(env attn smoke bench tcost xla vstorch chunk)
 if [ "${1:-}" != "--one" ] && compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/jaxkd-site .whl/*.whl || exit 1
   export PYTHONPATH="/tmp/jaxkd-site:$PYTHONPATH"
