@@ -1,6 +1,7 @@
 """LoRA students: the adapted projection against float64 NumPy, dropout, sharding, a step that trains the adapters
-alone (its gradient from the full model's by the chain rule, its optimizer state and compiled memory), and a run:
-resumed bitwise, exported merged (transformers' forward) and as a PEFT folder (peft's forward on the base model)."""
+alone (its gradient from the full model's by the chain rule, its optimizer state and compiled memory), the on-policy
+step (sampling with the adapters, the same chain rule), and a run: resumed bitwise, exported merged (transformers'
+forward) and as a PEFT folder (peft's forward on the base model)."""
 
 import dataclasses
 import json
@@ -10,18 +11,20 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers as tf
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxkd import config_base, optim, program, sharding, signals, tiny, trainer
+from jaxkd import config_base, on_policy, optim, program, sharding, signals, tiny, trainer
 from jaxkd import step as step_lib
 from jaxkd.models import Transformer, lora
 from jaxkd.models.layers import Linear
 from tests import runs
 from tests.steps import STUDENT, TEACHER, V, loss_config, optimizer_config, packed_batch
+from tests.test_on_policy import N as NEW_TOKENS, P as PROMPT_LEN, packed as prompt_batch
 
 ALL = tuple(lora.TARGETS)
 
@@ -141,6 +144,29 @@ def _step(cfg=LORA, lora_seed=0, cached=False):
   return fn, state, step_lib.frozen_input(None if cached else t_params, base), student, (t_def, t_params)
 
 
+TARGETS = [(part, name) for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                            ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names]
+
+
+def _merged(student, adapters):
+  """(graphdef, parameters) of the plain model whose kernels are the LoRA student's merged W + s A B."""
+  p_params = nnx.to_pure_dict(nnx.state(student, lora.BASE))
+  for part, name in TARGETS:
+    ad, k = adapters["layers"][part][name], p_params["layers"][part][name]
+    k["kernel"] = lora.merged_kernel(k["kernel"], ad["lora_a"], ad["lora_b"], LORA.scale)
+  return nnx.split(Transformer(STUDENT, rngs=nnx.Rngs(0)))[0], p_params
+
+
+def _chain_rule(adapters, g):
+  """{(part, name): (dL/dA, dL/dB)} = (s dL/dW B^T, s A^T dL/dW) from the merged model's gradient (or step) g."""
+  out = {}
+  for part, name in TARGETS:
+    ad, dw = adapters["layers"][part][name], g["layers"][part][name]["kernel"]
+    out[part, name] = (LORA.scale * jnp.einsum("lio,lro->lir", dw, ad["lora_b"]),
+                       LORA.scale * jnp.einsum("lir,lio->lro", ad["lora_a"], dw))
+  return out
+
+
 def with_top_k(batch, t_def, t_params):
   """`batch` with the teacher's top-k at each token, as `python -m jaxkd.capture` stores and a run reads them."""
   idx, lp = signals.top_k_fn(t_def, TOP_K, V, LC.chunk_size)(t_params, batch)
@@ -168,14 +194,7 @@ def test_the_step_trains_the_adapters_alone_with_the_chain_rules_gradient(cached
     assert jax.tree.map(jnp.shape, m) == jax.tree.map(jnp.shape, {"student": adapters})
 
   # The reference: the plain model with merged kernels, differentiated with respect to its kernels.
-  plain = Transformer(STUDENT, rngs=nnx.Rngs(0))
-  p_def, p_params = nnx.split(plain)[0], nnx.to_pure_dict(nnx.state(student, lora.BASE))
-  targets = [(part, name) for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                              ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names]
-  for part, name in targets:
-    ad = adapters["layers"][part][name]
-    k = p_params["layers"][part][name]
-    k["kernel"] = lora.merged_kernel(k["kernel"], ad["lora_a"], ad["lora_b"], LORA.scale)
+  p_def, p_params = _merged(student, adapters)
   source, lc = _teacher(cached, t_def)
   signal = source(None if cached else t_params, batch, lc)
 
@@ -184,15 +203,51 @@ def test_the_step_trains_the_adapters_alone_with_the_chain_rules_gradient(cached
     return step_lib.objective(nnx.merge(p_def, p), None, signal, batch, lc, n_tokens, n_hidden)[0]
 
   g = jax.grad(loss)(p_params)
-  sq = 0.0
-  for part, name in targets:
-    ad, dw = adapters["layers"][part][name], g["layers"][part][name]["kernel"]
-    da = LORA.scale * jnp.einsum("lio,lro->lir", dw, ad["lora_b"])
-    db = LORA.scale * jnp.einsum("lir,lio->lro", ad["lora_a"], dw)
-    sq += float(jnp.sum(da ** 2) + jnp.sum(db ** 2))
+  sq = sum(float(jnp.sum(d ** 2)) for d in jax.tree.leaves(_chain_rule(adapters, g)))
   np.testing.assert_allclose(float(metrics["grad_norm"]), np.sqrt(sq), rtol=1e-4)
   np.testing.assert_allclose(float(metrics["loss"]), float(loss(p_params)), rtol=1e-5)
   assert float(metrics["kd"]) > 1e-3  # the teacher's term is in the loss, from either source
+
+
+def test_the_on_policy_step_samples_with_the_adapters_and_trains_them_by_the_chain_rule():
+  """On-policy steps with a LoRA student: it writes its completions with its adapters (greedy: the same tokens and
+  loss as the plain model whose kernels are the merged W + s A B), and under SGD(1) the adapters move by the chain
+  rule of the merged model's move: A - A' = s (W - W') B^T, B - B' = s A^T (W - W'); the base weights come out as
+  they went in."""
+  student, teacher = _lora_student(), Transformer(TEACHER, rngs=nnx.Rngs(1))
+  t_def, t_params = nnx.split(teacher)[0], nnx.to_pure_dict(nnx.state(teacher))
+  lc = loss_config(alpha=0.5, temperature=2.0, vocab_size=V, chunk_size=16)
+  rollout = on_policy.Rollout(max_new_tokens=NEW_TOKENS, prompt_len=PROMPT_LEN, prompts_per_row=2, temperature=0.0,
+                              top_p=None, top_k=None, eos_ids=(), vocab_size=V, seq_kd=False)
+  sgd = optim.skip_nonfinite(optax.sgd(1.0))
+  batch = jax.tree.map(jnp.asarray, prompt_batch())
+
+  def step(s_def, params, frozen, lora_seed):
+    fn = step_lib.make_on_policy_step(s_def, signals.online(t_def), sgd, optax.constant_schedule(1.0), lc, rollout,
+                                      lora_seed=lora_seed)
+    params = {"student": jax.tree.map(jnp.copy, params)}  # the step donates its state
+    state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=sgd.init(params),
+                                rng=on_policy.initial_key(0))
+    new, metrics = fn(state, frozen, batch)
+    return jax.device_get(new.params["student"]), metrics
+
+  adapters = jax.device_get(nnx.to_pure_dict(nnx.state(student, lora.ADAPTERS)))
+  base = nnx.to_pure_dict(nnx.state(student, lora.BASE))
+  base_before = jax.device_get(base)
+  frozen = step_lib.frozen_input(t_params, base)
+  new, metrics = step(nnx.split(student)[0], adapters, frozen, lora_seed=0)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen["student"]), base_before)
+  p_def, p_params = _merged(student, adapters)
+  p_new, p_metrics = step(p_def, p_params, t_params, lora_seed=None)
+
+  assert float(metrics["tokens"]) == float(p_metrics["tokens"]) > 0
+  np.testing.assert_allclose(float(metrics["loss"]), float(p_metrics["loss"]), rtol=1e-5)
+  moved = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), p_params, p_new)
+  for (part, name), (da, db) in _chain_rule(adapters, moved).items():
+    for key, want in (("lora_a", da), ("lora_b", db)):
+      got = np.asarray(adapters["layers"][part][name][key], np.float64) - new["layers"][part][name][key]
+      assert np.abs(want).max() > 0, (part, name, key)
+      np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max(), err_msg=f"{part} {name} {key}")
 
 
 def test_adapter_dropout_acts_in_the_train_step_alone_and_its_key_follows_the_step():
