@@ -1,7 +1,8 @@
 """LoRA students: the adapted projection against float64 NumPy, dropout, sharding, a step that trains the adapters
-alone (its gradient from the full model's by the chain rule, its optimizer state and compiled memory), the on-policy
-step (sampling with the adapters, the same chain rule), and a run: resumed bitwise, exported merged (transformers'
-forward) and as a PEFT folder (peft's forward on the base model)."""
+alone (its gradient from the full model's by the chain rule; with micro-batches and dropout, the sum of their
+objectives; its optimizer state and compiled memory), the on-policy step (sampling with the adapters, the same chain
+rule), and a run: resumed bitwise, exported merged (transformers' forward) and as a PEFT folder (peft's forward on the
+base model)."""
 
 import dataclasses
 import json
@@ -264,6 +265,45 @@ def test_adapter_dropout_acts_in_the_train_step_alone_and_its_key_follows_the_st
   ce = [float(evaluate(state.params, frozen, batch)["ce_sum"]) for _ in range(2)]
   plain = step_lib.make_eval_step(nnx.split(_lora_student(LORA))[0], signals.online(t_def), LC, lora_seed=0)
   assert ce[0] == ce[1] == float(plain(state.params, frozen, batch)["ce_sum"])
+
+
+def test_micro_batches_draw_their_own_adapter_dropout_and_add_up_to_the_steps_gradient():
+  """With optimizer.micro_batches = 2 and adapter dropout, micro-batch i (rows i, i + 2, ...) draws its masks from
+  fold_in(the step's key, i): the step's loss and gradient norm are those of the sum of the two micro-batches'
+  objectives, each under its own key, from the model's own forward; one key for both gives another gradient."""
+  cfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.5, targets=ALL)
+  lc = dataclasses.replace(LC, micro_batches=2)
+  student, teacher = _lora_student(cfg), Transformer(TEACHER, rngs=nnx.Rngs(1))
+  s_def, t_def = nnx.split(student)[0], nnx.split(teacher)[0]
+  t_params = nnx.to_pure_dict(nnx.state(teacher))
+  adapters = nnx.to_pure_dict(nnx.state(student, lora.ADAPTERS))
+  base = nnx.to_pure_dict(nnx.state(student, lora.BASE))
+  optimizer, lr = optim.make_optimizer(optimizer_config(), 3)
+  params = {"student": jax.tree.map(jnp.copy, adapters)}  # the step donates its state
+  state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
+  batch = jax.tree.map(jnp.asarray, packed_batch(0))
+  fn = step_lib.make_train_step(s_def, signals.online(t_def), optimizer, lr, lc, lora_seed=0)
+  _, metrics = fn(state, step_lib.frozen_input(t_params, base), batch)
+
+  n_tokens, n_hidden = step_lib.batch_counts(batch, lc)
+  key = step_lib.dropout_key(0, 0)
+
+  def loss(a, micro, k):
+    model = nnx.merge(s_def, base, a)
+    signal = signals.online(t_def)(t_params, micro, lc)
+    return step_lib.objective(model, None, signal, micro, lc, n_tokens, n_hidden, dropout_key=k)[0]
+
+  def summed(keys):
+    parts = [jax.value_and_grad(loss)(adapters, jax.tree.map(lambda x, i=i: x[i::2], batch), k)
+             for i, k in enumerate(keys)]
+    grads = jax.tree.map(jnp.add, parts[0][1], parts[1][1])
+    return parts[0][0] + parts[1][0], float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))))
+
+  want_loss, want_norm = summed([jax.random.fold_in(key, i) for i in range(2)])
+  np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["grad_norm"]), want_norm, rtol=1e-4)
+  _, one_key_norm = summed([jax.random.fold_in(key, 0)] * 2)
+  assert abs(one_key_norm - want_norm) > 1e-3 * want_norm
 
 
 def _device_bytes(tree, shardings) -> int:
