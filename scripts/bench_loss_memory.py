@@ -28,10 +28,11 @@ over-counts). Both are cross-checked against the matmul FLOPs counted by hand,
 Chunk 0 is the default: `fused_loss.chunk_for` the heads' width and the 1 GiB budget (its size is printed).
 With --time R the compiled fused loss also runs R times on random inputs after a warm-up (the median is printed).
 
-For each chunk size it also prints the elementwise work of one trip, from XLA's cost analysis of the loss compiled
-for N = chunk tokens: transcendentals (exp, log) and bytes accessed per (token, column) entry. The matmuls' share of
-the bytes is small at these widths, so these say how many passes over the chunk's [C, V] arrays the loss, its
-gradient and (with --metrics) its monitoring sums take (each float32 pass reads or writes 4 bytes an entry).
+For each chunk size it also prints the work of one trip, from XLA's cost analysis of the loss compiled for N = chunk
+tokens: transcendentals (exp, log) and bytes accessed per (token, column) entry. The bytes are the passes over the
+chunk's [C, V] arrays by the loss, its gradient and (with --metrics) its monitoring sums (4 bytes an entry for each
+float32 read or write), plus the heads' weights, read again on every trip: with bfloat16 heads about
+(6 x student width + 2 x teacher width) / chunk bytes an entry, which is why they fall as the chunk grows.
 
     python scripts/bench_loss_memory.py --tokens 8192 --chunk_size 0 --temperature 2 --metrics --tpu v5p-8
 
