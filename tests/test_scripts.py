@@ -109,6 +109,30 @@ def test_bench_compile_only_records_the_compiled_memory(tmp_path):
   assert added[0] in after[after.index("## Compiled step memory (compile only)"):]
 
 
+def test_bench_loss_memory_counts_one_trips_work_for_a_tpu_chip_and_times_the_loss_here():
+  """scripts/bench_loss_memory.py on tiny heads: for one v5p chip (compiled on libtpu's compile-only devices), one
+  trip's transcendentals and bytes per (token, column); the monitoring sums (--metrics) add work to a trip, and the
+  heads' weights, read again every trip, make a small chunk's bytes per entry larger. Here it also runs the loss."""
+  tiny = ["--tokens", 128, "--student_width", 32, "--teacher_width", 64, "--vocab", 1024, "--vocab_size", 1000,
+          "--temperature", 2, "--chunk_size", "16,64"]
+
+  def trips(*extra):
+    out = _script("bench_loss_memory.py", *tiny, *extra)
+    found = re.findall(r"one trip of chunk (\d+) .*: ([0-9.]+) transcendentals and ([0-9.]+) bytes accessed", out)
+    return out, {int(c): (float(t), float(b)) for c, t, b in found}
+
+  out, metrics = trips("--metrics", "--tpu", "v5p-8")
+  assert "one chip of TPU v5p-8" in out and set(metrics) == {16, 64}
+  _, plain = trips("--tpu", "v5p-8")
+  assert metrics[16][0] > plain[16][0] > 0 and metrics[16][1] > plain[16][1]
+  assert metrics[16][1] > metrics[64][1]
+  out, _ = trips("--metrics", "--time", 1)
+  assert re.search(r"^\| 128 \| 64 \| 2 \| [0-9.]+ \| \d+ \|", out, re.M), out
+  refused = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_loss_memory.py"), "--tpu", "v5p-8",
+                            "--time", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert refused.returncode != 0 and "--tpu only compiles" in refused.stderr
+
+
 def test_bench_refuses_teacher_cost_with_compile_only():
   out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--teacher_cost", "--compile_only",
                         "--no_record"], cwd=ROOT, capture_output=True, text=True, timeout=300)
