@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Tokens per chunk of the fused loss (and of the capture's top-k); 0: as many as keep a chunk's float32 logits and
   # gradients near chunk_budget_mib on each device, whatever the vocabulary (fused_loss.chunk_for: 256 tokens at
   # Qwen2's 151,936 columns, 1,280 at 32,000). Each chunk reads the heads' weights again: where a chip has memory to
-  # spare, a budget of 4096 (1,024 tokens at Qwen2's vocabulary) keeps those reads from bounding the loss's speed
+  # spare, a budget of 4096 (1,152 tokens at Qwen2's vocabulary) keeps those reads from bounding the loss's speed
   # (BENCHMARKS.md, "The chunk's metrics, and the work one trip does").
   c.distill.chunk_size = 0
   c.distill.chunk_budget_mib = 1024
