@@ -50,9 +50,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxkd import aot
+from jaxkd import sharding as shd
 from jaxkd.fused_loss import chunk_for, fused_distill_sums
 from jaxkd.losses import cross_entropy_loss, kd_loss
 
@@ -113,9 +113,8 @@ def losses(args):
 
 
 def tpu_mesh(name: str):
-    """A one-chip mesh on the compile-only devices of TPU slice `name`."""
-    device = aot.topology_devices(aot.parse_slice(name))[0]
-    return jax.sharding.Mesh(np.array([device]), ("chip",), axis_types=(jax.sharding.AxisType.Auto,))
+    """The trainer's mesh on one chip of the compile-only devices of TPU slice `name`."""
+    return shd.make_mesh([1, 1, 1], devices=aot.topology_devices(aot.parse_slice(name))[:1])
 
 
 def compile_stats(loss, n, args, mesh=None, has_aux=False):
